@@ -1,0 +1,48 @@
+//! The one error type at ivr-core's boundary.
+
+use crate::call::{Call, CallId, PhoneNumberError};
+
+/// A boxed error from a layer below (a database driver, an HTTP client).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Everything that can go wrong in ivr-core. Callers match on the kind; new kinds may be added.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    #[error("invalid phone number: {0}")]
+    InvalidPhoneNumber(#[from] PhoneNumberError),
+
+    #[error("call {0} not found")]
+    NotFound(CallId),
+
+    /// An insert collided with an existing call on its id or its idempotency key. The
+    /// existing call comes along, so an idempotent retry can answer with it.
+    #[error("a call with this {on} already exists ({})", existing.call_id)]
+    AlreadyExists { on: Conflict, existing: Box<Call> },
+
+    /// The store could not be reached or failed to answer.
+    #[error("call store unavailable: {0}")]
+    StoreUnavailable(#[source] BoxError),
+
+    /// The store returned data that does not decode into a call.
+    #[error("call store holds invalid data: {0}")]
+    StoreCorrupt(String),
+}
+
+/// Which unique key an insert collided with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Conflict {
+    CallId,
+    IdempotencyKey,
+}
+
+impl std::fmt::Display for Conflict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Conflict::CallId => "call id",
+            Conflict::IdempotencyKey => "idempotency key",
+        })
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,22 @@
+//! # ivr-core
+//!
+//! Place one outbound call through Asterisk's REST Interface (ARI) and know, reliably and at
+//! once, what became of it.
+//!
+//! - [`call`]: the call model — [`CallId`], [`PhoneNumber`], [`CallStatus`], [`Call`] and the
+//!   forward-only transition rules.
+//! - [`store`]: the [`CallStore`] contract with in-memory, SQLite and PostgreSQL
+//!   implementations.
+//!
+//! ivr-core knows nothing of HTTP routing, JWT or users: that is ivr-server's business.
+
+pub mod call;
+mod error;
+pub mod store;
+
+pub use call::{
+    Call, CallId, CallStatus, FailureReason, Hangup, Ignored, NewCall, PhoneNumber, PhoneNumberError, Step, Transition,
+    TransitionRecord,
+};
+pub use error::{BoxError, Conflict, Error, Result};
+pub use store::{Applied, CallPage, CallQuery, CallStore, Cursor, MemoryCallStore, SqlCallStore};

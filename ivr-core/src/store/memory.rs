@@ -1,0 +1,106 @@
+//! The in-memory store: what DISABLE_DB mode runs on. Nothing survives the process.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::RwLock;
+
+use async_trait::async_trait;
+
+use super::{micros, Applied, CallPage, CallQuery, CallStore, Cursor};
+use crate::call::{Call, CallId, Transition};
+use crate::error::{Conflict, Error, Result};
+
+/// A [`CallStore`] in a map behind one lock. Every operation is a short critical section
+/// with no await inside, so a plain `std` lock is the right tool.
+#[derive(Debug, Default)]
+pub struct MemoryCallStore {
+    inner: RwLock<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    calls: HashMap<CallId, Call>,
+    by_key: HashMap<String, CallId>,
+    /// (created_at µs, id) of every call: the list order.
+    order: BTreeSet<(i64, CallId)>,
+}
+
+impl MemoryCallStore {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner> {
+        // A panic elsewhere while holding the lock cannot leave a half-written call: every
+        // write below is a single insert or an in-place `Call::apply`, which mutates only on
+        // success. So a poisoned lock is still consistent.
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+#[async_trait]
+impl CallStore for MemoryCallStore {
+    async fn insert(&self, call: &Call) -> Result<()> {
+        let mut inner = self.write();
+        if let Some(existing) = inner.calls.get(&call.call_id) {
+            return Err(Error::AlreadyExists { on: Conflict::CallId, existing: Box::new(existing.clone()) });
+        }
+        if let Some(key) = &call.idempotency_key {
+            if let Some(id) = inner.by_key.get(key) {
+                let existing = Box::new(inner.calls[id].clone());
+                return Err(Error::AlreadyExists { on: Conflict::IdempotencyKey, existing });
+            }
+            inner.by_key.insert(key.clone(), call.call_id);
+        }
+        inner.order.insert((micros(call.created_at), call.call_id));
+        inner.calls.insert(call.call_id, call.clone());
+        Ok(())
+    }
+
+    async fn get(&self, call_id: CallId) -> Result<Option<Call>> {
+        Ok(self.read().calls.get(&call_id).cloned())
+    }
+
+    async fn get_by_idempotency_key(&self, key: &str) -> Result<Option<Call>> {
+        let inner = self.read();
+        Ok(inner.by_key.get(key).map(|id| inner.calls[id].clone()))
+    }
+
+    async fn apply(&self, call_id: CallId, transition: &Transition) -> Result<Applied> {
+        let mut inner = self.write();
+        let call = inner.calls.get_mut(&call_id).ok_or(Error::NotFound(call_id))?;
+        Ok(match call.apply(transition) {
+            Ok(()) => Applied::Changed(call.clone()),
+            Err(why) => Applied::Ignored { call: call.clone(), why },
+        })
+    }
+
+    async fn list(&self, query: &CallQuery) -> Result<CallPage> {
+        let size = query.page_size();
+        let inner = self.read();
+        let older = match query.after {
+            Some(after) => inner.order.range(..(after.created_at_micros, after.call_id)),
+            None => inner.order.range(..),
+        };
+        let newest_first = older.rev().map(|(_, id)| &inner.calls[id]).filter(|call| query.matches(call));
+        let mut calls: Vec<Call> = newest_first.take(size + 1).cloned().collect();
+        let next = if calls.len() > size {
+            calls.truncate(size);
+            calls.last().map(Cursor::of)
+        } else {
+            None
+        };
+        Ok(CallPage { calls, next })
+    }
+
+    async fn list_active(&self) -> Result<Vec<Call>> {
+        Ok(self.read().calls.values().filter(|c| c.is_active()).cloned().collect())
+    }
+
+    async fn ping(&self) -> Result<()> {
+        Ok(())
+    }
+}

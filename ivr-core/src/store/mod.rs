@@ -1,0 +1,180 @@
+//! Where calls live: the [`CallStore`] contract and its implementations.
+//!
+//! - [`MemoryCallStore`]: a process-local map, for DISABLE_DB mode and tests.
+//! - [`SqlCallStore`]: SQLite (the embedded default, one file in WAL mode) or PostgreSQL
+//!   (production), through sqlx with embedded migrations and runtime-checked queries.
+//!
+//! Every implementation runs the same conformance suite (`conformance`, feature `testing`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::call::{Call, CallId, CallStatus, Ignored, PhoneNumber, Transition};
+use crate::error::Result;
+
+mod memory;
+mod sql;
+
+#[cfg(feature = "testing")]
+pub mod conformance;
+
+pub use memory::MemoryCallStore;
+pub use sql::SqlCallStore;
+
+/// Persistence for calls. Held as `Arc<dyn CallStore>` by the call manager and the server.
+///
+/// The contract, which `conformance` checks for every implementation:
+/// - [`insert`](CallStore::insert) stores a new call with its history. A call whose id, or
+///   whose idempotency key, is already stored is refused with
+///   [`Error::AlreadyExists`](crate::Error::AlreadyExists) carrying the stored call; nothing
+///   is overwritten.
+/// - A call read back equals the call written: every field, timestamps to the microsecond.
+/// - [`apply`](CallStore::apply) runs [`Call::apply`] atomically against the stored call. Of
+///   concurrent writers, exactly one wins each state; the others are re-evaluated against the
+///   state that won, so a loser sees the current call and why its transition was ignored.
+///   An unknown id is [`Error::NotFound`](crate::Error::NotFound).
+/// - [`list`](CallStore::list) returns calls newest first (created_at, then call_id, both
+///   descending), filtered, one page at a time; following `next` cursors visits every
+///   matching call exactly once, even while new calls are inserted.
+/// - [`list_active`](CallStore::list_active) returns every call that is not terminal, for
+///   reconciliation after a fault.
+/// - Failures to reach the backing database are
+///   [`Error::StoreUnavailable`](crate::Error::StoreUnavailable).
+#[async_trait]
+pub trait CallStore: Send + Sync + 'static {
+    async fn insert(&self, call: &Call) -> Result<()>;
+
+    async fn get(&self, call_id: CallId) -> Result<Option<Call>>;
+
+    async fn get_by_idempotency_key(&self, key: &str) -> Result<Option<Call>>;
+
+    async fn apply(&self, call_id: CallId, transition: &Transition) -> Result<Applied>;
+
+    async fn list(&self, query: &CallQuery) -> Result<CallPage>;
+
+    async fn list_active(&self) -> Result<Vec<Call>>;
+
+    /// Cheap reachability check, for readiness probes.
+    async fn ping(&self) -> Result<()>;
+}
+
+/// The result of [`CallStore::apply`]: the call as it now stands, and whether it changed.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Applied {
+    Changed(Call),
+    Ignored { call: Call, why: Ignored },
+}
+
+impl Applied {
+    pub fn call(&self) -> &Call {
+        match self {
+            Applied::Changed(call) | Applied::Ignored { call, .. } => call,
+        }
+    }
+
+    pub fn into_call(self) -> Call {
+        match self {
+            Applied::Changed(call) | Applied::Ignored { call, .. } => call,
+        }
+    }
+
+    pub fn is_changed(&self) -> bool {
+        matches!(self, Applied::Changed(_))
+    }
+}
+
+/// Filters and a page position for [`CallStore::list`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct CallQuery {
+    /// Only calls in one of these statuses; empty means any.
+    pub statuses: Vec<CallStatus>,
+    /// Only calls created at or after this instant.
+    pub created_from: Option<OffsetDateTime>,
+    /// Only calls created before this instant.
+    pub created_to: Option<OffsetDateTime>,
+    pub phone_number: Option<PhoneNumber>,
+    /// Page size, clamped to `1..=MAX_PAGE_SIZE`; 0 means the default.
+    pub limit: usize,
+    /// Continue after this position (the `next` of the previous page).
+    pub after: Option<Cursor>,
+}
+
+impl CallQuery {
+    pub const DEFAULT_PAGE_SIZE: usize = 50;
+    pub const MAX_PAGE_SIZE: usize = 1000;
+
+    /// The page size to use: `limit` clamped to what the stores serve.
+    pub fn page_size(&self) -> usize {
+        match self.limit {
+            0 => Self::DEFAULT_PAGE_SIZE,
+            n => n.min(Self::MAX_PAGE_SIZE),
+        }
+    }
+
+    /// Whether `call` passes the filters (the page position aside).
+    pub fn matches(&self, call: &Call) -> bool {
+        (self.statuses.is_empty() || self.statuses.contains(&call.status))
+            && self.created_from.is_none_or(|from| call.created_at >= from)
+            && self.created_to.is_none_or(|to| call.created_at < to)
+            && self.phone_number.as_ref().is_none_or(|n| *n == call.phone_number)
+    }
+}
+
+/// One page of [`CallStore::list`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct CallPage {
+    pub calls: Vec<Call>,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+/// A position in the newest-first order of calls: the last call of a page.
+///
+/// Its text form (`<created_at µs>.<call_id>`) is opaque to clients but stable, so it can be
+/// handed out in an API and parsed back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at_micros: i64,
+    pub call_id: CallId,
+}
+
+impl Cursor {
+    pub fn of(call: &Call) -> Self {
+        Cursor { created_at_micros: micros(call.created_at), call_id: call.call_id }
+    }
+}
+
+impl fmt::Display for Cursor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.created_at_micros, self.call_id)
+    }
+}
+
+/// A cursor string that was not made by [`Cursor`]'s `Display`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid cursor: expected the `next` value of a previous page")]
+pub struct InvalidCursor;
+
+impl FromStr for Cursor {
+    type Err = InvalidCursor;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (micros, id) = s.split_once('.').ok_or(InvalidCursor)?;
+        Ok(Cursor {
+            created_at_micros: micros.parse().map_err(|_| InvalidCursor)?,
+            call_id: id.parse().map_err(|_| InvalidCursor)?,
+        })
+    }
+}
+
+/// Microseconds since the Unix epoch: how the stores keep and compare instants.
+pub(crate) fn micros(t: OffsetDateTime) -> i64 {
+    (t.unix_timestamp_nanos() / 1_000) as i64
+}
+
+pub(crate) fn from_micros(us: i64) -> Option<OffsetDateTime> {
+    OffsetDateTime::from_unix_timestamp_nanos(i128::from(us) * 1_000).ok()
+}

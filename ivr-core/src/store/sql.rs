@@ -1,0 +1,555 @@
+//! The SQL store: one implementation for SQLite and PostgreSQL.
+//!
+//! It goes through sqlx's `Any` driver with runtime queries, so a build never needs a database
+//! and one set of SQL serves both engines: the schema sticks to types both share (text ids,
+//! BIGINT microseconds) and `$n` placeholders, which SQLite accepts too.
+//!
+//! Transitions are optimistic: read the call, run [`Call::apply`] in Rust, then write it back
+//! only if the row's `version` (its history length) is unchanged. A writer that loses the race
+//! reads again and re-evaluates, so exactly one of any set of conflicting writers wins.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::BoxFuture;
+use sqlx::any::{AnyArguments, AnyPoolOptions, AnyRow};
+use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
+use sqlx::query::Query;
+use sqlx::{Any, AnyConnection, AnyPool, Executor, Row};
+use time::OffsetDateTime;
+
+use super::{from_micros, micros, Applied, CallPage, CallQuery, CallStore, Cursor};
+use crate::call::{Call, CallId, CallStatus, Hangup, Transition, TransitionRecord};
+use crate::error::{Conflict, Error, Result};
+
+/// Longest a single store operation may take before it is reported as unavailable.
+const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
+/// A race lost this many times in a row means something is wrong, not busy.
+const MAX_APPLY_ROUNDS: usize = 64;
+/// Ids per `IN (…)` list, well under both engines' bound-parameter limits.
+const IN_CHUNK: usize = 500;
+
+/// ivr-core's migrations, embedded in the binary.
+const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "calls", include_str!("../../migrations/0001_calls.sql"))];
+
+/// A [`CallStore`] on SQLite or PostgreSQL. Cheap to clone: it is a connection pool handle.
+#[derive(Clone, Debug)]
+pub struct SqlCallStore {
+    pool: AnyPool,
+    engine: Engine,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Engine {
+    Sqlite,
+    Postgres,
+}
+
+impl SqlCallStore {
+    /// Connects to `url` (`sqlite:…` or `postgres://…`) and brings the schema up to date.
+    /// A SQLite file is created when missing and put in WAL mode.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let store = Self::connect_without_migrating(url).await?;
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Opens (creating if needed) the SQLite database file at `path`.
+    pub async fn open_sqlite(path: &Path) -> Result<Self> {
+        Self::connect(&format!("sqlite://{}", path.display())).await
+    }
+
+    /// Connects without touching the schema (for `ivr-server migrate`-style tooling).
+    pub async fn connect_without_migrating(url: &str) -> Result<Self> {
+        sqlx::any::install_default_drivers();
+        let (engine, url) = engine_url(url)?;
+        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        let options = match engine {
+            // One writer at a time is SQLite's nature; a few readers beside it is plenty.
+            Engine::Sqlite => options.max_connections(8).after_connect(|conn, _| {
+                Box::pin(async move {
+                    // WAL lets readers proceed beside the writer; NORMAL sync is the durable
+                    // setting recommended with WAL (a power cut may lose the last commits, a
+                    // crash of the process loses nothing).
+                    conn.execute("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;").await?;
+                    Ok(())
+                })
+            }),
+            Engine::Postgres => options.max_connections(16),
+        };
+        let pool = options.connect(&url).await.map_err(unavailable)?;
+        Ok(SqlCallStore { pool, engine })
+    }
+
+    /// Applies the embedded migrations that have not run yet.
+    pub async fn migrate(&self) -> Result<()> {
+        let mut migrator = Migrator::new(EmbeddedMigrations).await.map_err(unavailable)?;
+        // Other components (ivr-server's users) keep their migrations in the same table.
+        migrator.set_ignore_missing(true);
+        migrator.run(&self.pool).await.map_err(unavailable)
+    }
+
+    /// The pool, for components that keep their own tables in the same database.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    pub fn is_sqlite(&self) -> bool {
+        self.engine == Engine::Sqlite
+    }
+
+    async fn load(&self, conn: &mut AnyConnection, call_id: CallId) -> Result<Option<Call>> {
+        let row = sqlx::query(SELECT_CALL_BY_ID)
+            .bind(call_id.to_string())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(unavailable)?;
+        let Some(row) = row else { return Ok(None) };
+        let version: i64 = row.try_get("version").map_err(corrupt)?;
+        let history = sqlx::query(SELECT_HISTORY_OF_ONE)
+            .bind(call_id.to_string())
+            .bind(version)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(unavailable)?
+            .iter()
+            .map(decode_transition)
+            .collect::<Result<Vec<_>>>()?;
+        decode_call(&row, history).map(Some)
+    }
+
+    /// Decodes call rows and attaches their histories, read in a few batched queries.
+    async fn with_histories(&self, rows: Vec<AnyRow>) -> Result<Vec<Call>> {
+        let mut versions = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let id: String = row.try_get("call_id").map_err(corrupt)?;
+            let version: i64 = row.try_get("version").map_err(corrupt)?;
+            versions.push((id, version));
+        }
+        let mut histories: HashMap<String, Vec<TransitionRecord>> = HashMap::with_capacity(rows.len());
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        for chunk in versions.chunks(IN_CHUNK) {
+            let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
+            let sql = format!(
+                "SELECT call_id, seq, status, at, attempt, failure_reason, cause FROM call_transitions \
+                 WHERE call_id IN ({}) ORDER BY call_id, seq",
+                placeholders.join(", ")
+            );
+            let mut query = sqlx::query(&sql);
+            for (id, _) in chunk {
+                query = query.bind(id.as_str());
+            }
+            for row in query.fetch_all(&mut *conn).await.map_err(unavailable)? {
+                let id: String = row.try_get("call_id").map_err(corrupt)?;
+                histories.entry(id).or_default().push(decode_transition(&row)?);
+            }
+        }
+        rows.iter()
+            .zip(versions)
+            .map(|(row, (id, version))| {
+                let mut history = histories.remove(&id).unwrap_or_default();
+                // Rows past `version` belong to a write that committed after the call row was
+                // read; leave them to the next read so the call stays a consistent snapshot.
+                history.truncate(version as usize);
+                decode_call(row, history)
+            })
+            .collect()
+    }
+
+    /// One round of the optimistic apply. `None` means another writer got there first.
+    async fn try_apply(&self, call_id: CallId, transition: &Transition) -> Result<Option<Applied>> {
+        let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+        let current = self.load(&mut conn, call_id).await?.ok_or(Error::NotFound(call_id))?;
+        let mut next = current.clone();
+        if let Err(why) = next.apply(transition) {
+            return Ok(Some(Applied::Ignored { call: current, why }));
+        }
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(unavailable)?;
+        let updated = bind_state(sqlx::query(UPDATE_STATE), &next)
+            .bind(call_id.to_string())
+            .bind(current.history.len() as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(unavailable)?;
+        if updated.rows_affected() == 0 {
+            return Ok(None);
+        }
+        insert_history(&mut tx, &next, current.history.len()).await.map_err(unavailable)?;
+        tx.commit().await.map_err(unavailable)?;
+        Ok(Some(Applied::Changed(next)))
+    }
+
+    async fn try_insert(&self, call: &Call) -> Result<(), sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let query = sqlx::query(INSERT_CALL)
+            .bind(call.call_id.to_string())
+            .bind(call.phone_number.as_str())
+            .bind(call.context.as_str())
+            .bind(call.extension.as_str())
+            .bind(i64::from(call.priority))
+            .bind(call.caller_id.as_deref())
+            .bind(i64::from(call.timeout_secs))
+            .bind(call.audio.as_deref())
+            .bind(serde_json::to_string(&call.variables).expect("a string map always serializes"))
+            .bind(micros(call.created_at))
+            .bind(i64::from(call.max_attempts))
+            .bind(call.idempotency_key.as_deref());
+        bind_state(query, call).execute(&mut *tx).await?;
+        insert_history(&mut tx, call, 0).await?;
+        tx.commit().await
+    }
+
+    /// The call that an insert of `call` collided with, and on which key.
+    async fn existing_for(&self, call: &Call) -> Result<Option<(Conflict, Call)>> {
+        if let Some(existing) = self.get(call.call_id).await? {
+            return Ok(Some((Conflict::CallId, existing)));
+        }
+        if let Some(key) = &call.idempotency_key {
+            if let Some(existing) = self.get_by_idempotency_key(key).await? {
+                return Ok(Some((Conflict::IdempotencyKey, existing)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+#[async_trait]
+impl CallStore for SqlCallStore {
+    async fn insert(&self, call: &Call) -> Result<()> {
+        bounded(async {
+            match self.try_insert(call).await {
+                Ok(()) => Ok(()),
+                Err(sqlx::Error::Database(e)) if e.is_unique_violation() => match self.existing_for(call).await? {
+                    Some((on, existing)) => Err(Error::AlreadyExists { on, existing: Box::new(existing) }),
+                    // The colliding row vanished in between (nothing deletes calls today).
+                    None => Err(unavailable(sqlx::Error::Database(e))),
+                },
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+        .await
+    }
+
+    async fn get(&self, call_id: CallId) -> Result<Option<Call>> {
+        bounded(async {
+            let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+            self.load(&mut conn, call_id).await
+        })
+        .await
+    }
+
+    async fn get_by_idempotency_key(&self, key: &str) -> Result<Option<Call>> {
+        bounded(async {
+            let row = sqlx::query("SELECT call_id FROM calls WHERE idempotency_key = $1")
+                .bind(key)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            match row {
+                None => Ok(None),
+                Some(row) => {
+                    let id = parse_id(&row.try_get::<String, _>("call_id").map_err(corrupt)?)?;
+                    let mut conn = self.pool.acquire().await.map_err(unavailable)?;
+                    self.load(&mut conn, id).await
+                }
+            }
+        })
+        .await
+    }
+
+    async fn apply(&self, call_id: CallId, transition: &Transition) -> Result<Applied> {
+        bounded(async {
+            for _ in 0..MAX_APPLY_ROUNDS {
+                if let Some(applied) = self.try_apply(call_id, transition).await? {
+                    return Ok(applied);
+                }
+            }
+            Err(Error::StoreUnavailable(format!("call {call_id}: too many concurrent writers").into()))
+        })
+        .await
+    }
+
+    async fn list(&self, query: &CallQuery) -> Result<CallPage> {
+        bounded(async {
+            let size = query.page_size();
+            let mut sql = format!("{SELECT_CALLS} WHERE 1 = 1");
+            let mut n = 0;
+            let mut param = || {
+                n += 1;
+                format!("${n}")
+            };
+            if !query.statuses.is_empty() {
+                let list: Vec<String> = query.statuses.iter().map(|_| param()).collect();
+                sql += &format!(" AND status IN ({})", list.join(", "));
+            }
+            if query.created_from.is_some() {
+                sql += &format!(" AND created_at >= {}", param());
+            }
+            if query.created_to.is_some() {
+                sql += &format!(" AND created_at < {}", param());
+            }
+            if query.phone_number.is_some() {
+                sql += &format!(" AND phone_number = {}", param());
+            }
+            if query.after.is_some() {
+                sql += &format!(" AND (created_at, call_id) < ({}, {})", param(), param());
+            }
+            sql += &format!(" ORDER BY created_at DESC, call_id DESC LIMIT {}", param());
+
+            let mut q = sqlx::query(&sql);
+            for status in &query.statuses {
+                q = q.bind(status.as_str());
+            }
+            if let Some(from) = query.created_from {
+                q = q.bind(micros(from));
+            }
+            if let Some(to) = query.created_to {
+                q = q.bind(micros(to));
+            }
+            if let Some(number) = &query.phone_number {
+                q = q.bind(number.as_str());
+            }
+            if let Some(after) = query.after {
+                q = q.bind(after.created_at_micros).bind(after.call_id.to_string());
+            }
+            let rows = q.bind(size as i64 + 1).fetch_all(&self.pool).await.map_err(unavailable)?;
+            let mut calls = self.with_histories(rows).await?;
+            let next = if calls.len() > size {
+                calls.truncate(size);
+                calls.last().map(Cursor::of)
+            } else {
+                None
+            };
+            Ok(CallPage { calls, next })
+        })
+        .await
+    }
+
+    async fn list_active(&self) -> Result<Vec<Call>> {
+        bounded(async {
+            let sql = format!("{SELECT_CALLS} WHERE status IN ('pending', 'dialing', 'ringing', 'answered')");
+            debug_assert!(CallStatus::ACTIVE.iter().all(|s| sql.contains(&format!("'{s}'"))));
+            let rows = sqlx::query(&sql).fetch_all(&self.pool).await.map_err(unavailable)?;
+            self.with_histories(rows).await
+        })
+        .await
+    }
+
+    async fn ping(&self) -> Result<()> {
+        bounded(async {
+            sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
+            Ok(())
+        })
+        .await
+    }
+}
+
+/// The columns of `calls`, in the order [`INSERT_CALL`] binds them.
+macro_rules! call_columns {
+    () => {
+        "call_id, phone_number, context, extension, priority, caller_id, timeout_secs, audio, variables, \
+         created_at, max_attempts, idempotency_key, status, channel, dialed_at, ringing_at, answered_at, ended_at, \
+         failure_reason, hangup_cause, hangup_text, attempt_number, version"
+    };
+}
+
+const SELECT_CALLS: &str = concat!("SELECT ", call_columns!(), " FROM calls");
+const SELECT_CALL_BY_ID: &str = concat!("SELECT ", call_columns!(), " FROM calls WHERE call_id = $1");
+
+const INSERT_CALL: &str = concat!(
+    "INSERT INTO calls (",
+    call_columns!(),
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+);
+
+/// The state columns in [`bind_state`]'s order, then the row guard.
+const UPDATE_STATE: &str = "UPDATE calls SET status = $1, channel = $2, dialed_at = $3, ringing_at = $4, \
+     answered_at = $5, ended_at = $6, failure_reason = $7, hangup_cause = $8, hangup_text = $9, \
+     attempt_number = $10, version = $11 WHERE call_id = $12 AND version = $13";
+
+const SELECT_HISTORY_OF_ONE: &str = "SELECT seq, status, at, attempt, failure_reason, cause FROM call_transitions \
+     WHERE call_id = $1 AND seq < $2 ORDER BY seq";
+
+type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
+
+/// Binds the columns a transition can change, in the order of [`UPDATE_STATE`] (and of the
+/// tail of [`INSERT_CALL`]).
+fn bind_state<'q>(query: AnyQuery<'q>, call: &'q Call) -> AnyQuery<'q> {
+    query
+        .bind(call.status.as_str())
+        .bind(call.channel.as_deref())
+        .bind(call.dialed_at.map(micros))
+        .bind(call.ringing_at.map(micros))
+        .bind(call.answered_at.map(micros))
+        .bind(call.ended_at.map(micros))
+        .bind(call.failure_reason.map(|r| r.as_str()))
+        .bind(call.hangup.as_ref().map(|h| i64::from(h.code)))
+        .bind(call.hangup.as_ref().map(|h| h.text.as_str()))
+        .bind(i64::from(call.attempt_number))
+        .bind(call.history.len() as i64)
+}
+
+/// Inserts `call.history[from..]` as rows of `call_transitions`, in one statement.
+async fn insert_history(conn: &mut AnyConnection, call: &Call, from: usize) -> Result<(), sqlx::Error> {
+    let entries = &call.history[from..];
+    if entries.is_empty() {
+        return Ok(());
+    }
+    let rows: Vec<String> = (0..entries.len())
+        .map(|i| {
+            let p = i * 7;
+            format!("(${}, ${}, ${}, ${}, ${}, ${}, ${})", p + 1, p + 2, p + 3, p + 4, p + 5, p + 6, p + 7)
+        })
+        .collect();
+    let sql = format!(
+        "INSERT INTO call_transitions (call_id, seq, status, at, attempt, failure_reason, cause) VALUES {}",
+        rows.join(", ")
+    );
+    let mut query = sqlx::query(&sql);
+    for (i, entry) in entries.iter().enumerate() {
+        query = query
+            .bind(call.call_id.to_string())
+            .bind((from + i) as i64)
+            .bind(entry.status.as_str())
+            .bind(micros(entry.at))
+            .bind(i64::from(entry.attempt))
+            .bind(entry.failure_reason.map(|r| r.as_str()))
+            .bind(entry.cause.as_str());
+    }
+    query.execute(&mut *conn).await?;
+    Ok(())
+}
+
+fn decode_call(row: &AnyRow, history: Vec<TransitionRecord>) -> Result<Call> {
+    let text = |col: &str| row.try_get::<String, _>(col).map_err(corrupt);
+    let opt_text = |col: &str| row.try_get::<Option<String>, _>(col).map_err(corrupt);
+    let int = |col: &str| row.try_get::<i64, _>(col).map_err(corrupt);
+    let opt_time = |col: &str| -> Result<Option<OffsetDateTime>> {
+        row.try_get::<Option<i64>, _>(col).map_err(corrupt)?.map(|us| instant(col, us)).transpose()
+    };
+    let small = |col: &str| -> Result<u32> {
+        u32::try_from(int(col)?).map_err(|_| Error::StoreCorrupt(format!("{col} is out of range")))
+    };
+    let hangup = match (row.try_get::<Option<i64>, _>("hangup_cause").map_err(corrupt)?, opt_text("hangup_text")?) {
+        (Some(code), Some(text)) => Some(Hangup {
+            code: u16::try_from(code)
+                .map_err(|_| Error::StoreCorrupt(format!("hangup_cause {code} is out of range")))?,
+            text,
+        }),
+        _ => None,
+    };
+    let variables = serde_json::from_str(&text("variables")?)
+        .map_err(|e| Error::StoreCorrupt(format!("variables are not a JSON object of strings: {e}")))?;
+    Ok(Call {
+        call_id: parse_id(&text("call_id")?)?,
+        phone_number: text("phone_number")?.parse().map_err(|e| Error::StoreCorrupt(format!("phone_number: {e}")))?,
+        status: text("status")?.parse().map_err(corrupt)?,
+        channel: opt_text("channel")?,
+        context: text("context")?,
+        extension: text("extension")?,
+        priority: small("priority")?,
+        caller_id: opt_text("caller_id")?,
+        timeout_secs: small("timeout_secs")?,
+        audio: opt_text("audio")?,
+        variables,
+        created_at: instant("created_at", int("created_at")?)?,
+        dialed_at: opt_time("dialed_at")?,
+        ringing_at: opt_time("ringing_at")?,
+        answered_at: opt_time("answered_at")?,
+        ended_at: opt_time("ended_at")?,
+        failure_reason: opt_text("failure_reason")?.map(|r| r.parse()).transpose().map_err(corrupt)?,
+        hangup,
+        attempt_number: small("attempt_number")?,
+        max_attempts: small("max_attempts")?,
+        idempotency_key: opt_text("idempotency_key")?,
+        history,
+    })
+}
+
+fn decode_transition(row: &AnyRow) -> Result<TransitionRecord> {
+    let attempt: i64 = row.try_get("attempt").map_err(corrupt)?;
+    Ok(TransitionRecord {
+        status: row.try_get::<String, _>("status").map_err(corrupt)?.parse().map_err(corrupt)?,
+        at: instant("at", row.try_get("at").map_err(corrupt)?)?,
+        attempt: u32::try_from(attempt)
+            .map_err(|_| Error::StoreCorrupt(format!("attempt {attempt} is out of range")))?,
+        failure_reason: row
+            .try_get::<Option<String>, _>("failure_reason")
+            .map_err(corrupt)?
+            .map(|r| r.parse())
+            .transpose()
+            .map_err(corrupt)?,
+        cause: row.try_get("cause").map_err(corrupt)?,
+    })
+}
+
+fn instant(col: &str, us: i64) -> Result<OffsetDateTime> {
+    from_micros(us).ok_or_else(|| Error::StoreCorrupt(format!("{col} {us} is not a valid instant")))
+}
+
+fn parse_id(s: &str) -> Result<CallId> {
+    s.parse().map_err(|_| Error::StoreCorrupt(format!("call_id {s:?} is not a UUID")))
+}
+
+fn unavailable(e: impl Into<crate::error::BoxError>) -> Error {
+    Error::StoreUnavailable(e.into())
+}
+
+fn corrupt(e: impl std::fmt::Display) -> Error {
+    Error::StoreCorrupt(e.to_string())
+}
+
+async fn bounded<T>(operation: impl Future<Output = Result<T>>) -> Result<T> {
+    match tokio::time::timeout(OPERATION_TIMEOUT, operation).await {
+        Ok(result) => result,
+        Err(_) => Err(Error::StoreUnavailable(
+            format!("no answer from the database within {}s", OPERATION_TIMEOUT.as_secs()).into(),
+        )),
+    }
+}
+
+/// Which engine a URL names, and the URL to hand to sqlx.
+fn engine_url(url: &str) -> Result<(Engine, String)> {
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        return Ok((Engine::Postgres, url.to_owned()));
+    }
+    if url.starts_with("sqlite:") {
+        // Create the file when it is missing, unless the caller chose a mode.
+        let url = if url.contains("mode=") {
+            url.to_owned()
+        } else if url.contains('?') {
+            format!("{url}&mode=rwc")
+        } else {
+            format!("{url}?mode=rwc")
+        };
+        return Ok((Engine::Sqlite, url));
+    }
+    Err(Error::StoreUnavailable("unsupported database URL: expected sqlite:<path> or postgres://…".into()))
+}
+
+/// The migrations compiled into the crate, as a sqlx migration source.
+#[derive(Debug)]
+struct EmbeddedMigrations;
+
+impl MigrationSource<'static> for EmbeddedMigrations {
+    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
+        Box::pin(async {
+            Ok(MIGRATIONS
+                .iter()
+                .map(|(version, description, sql)| {
+                    Migration::new(
+                        *version,
+                        Cow::Borrowed(*description),
+                        MigrationType::Simple,
+                        Cow::Borrowed(*sql),
+                        false,
+                    )
+                })
+                .collect())
+        })
+    }
+}
