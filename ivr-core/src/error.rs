@@ -1,5 +1,6 @@
 //! The one error type at ivr-core's boundary.
 
+use crate::ari::AriError;
 use crate::call::{Call, CallId, PhoneNumberError};
 
 /// A boxed error from a layer below (a database driver, an HTTP client).
@@ -19,6 +20,10 @@ pub enum Error {
     /// existing call comes along, so an idempotent retry can answer with it.
     #[error("a call with this {on} already exists ({})", existing.call_id)]
     AlreadyExists { on: Conflict, existing: Box<Call> },
+
+    /// Asterisk refused or failed a request, or could not be reached.
+    #[error(transparent)]
+    Ari(#[from] AriError),
 
     /// The store could not be reached or failed to answer.
     #[error("call store unavailable: {0}")]

@@ -5,11 +5,13 @@
 //!
 //! - [`call`]: the call model — [`CallId`], [`PhoneNumber`], [`CallStatus`], [`Call`] and the
 //!   forward-only transition rules.
+//! - [`ari`]: the ARI client — REST calls and the event WebSocket.
 //! - [`store`]: the [`CallStore`] contract with in-memory, SQLite and PostgreSQL
 //!   implementations.
 //!
 //! ivr-core knows nothing of HTTP routing, JWT or users: that is ivr-server's business.
 
+pub mod ari;
 pub mod call;
 mod error;
 pub mod store;

@@ -1,0 +1,276 @@
+//! ARI's WebSocket events, typed for the ones the call engine uses. Every other event is still
+//! delivered, as [`AriEvent::Unknown`], never as an error.
+
+use serde::Deserialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::model::{Channel, Playback};
+
+/// One event from `/ari/events`.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(tag = "type")]
+#[non_exhaustive]
+pub enum AriEvent {
+    /// The channel entered the application. For an originate into an app this comes only
+    /// after the answer, with the channel `Up`.
+    StasisStart {
+        timestamp: String,
+        #[serde(default)]
+        args: Vec<String>,
+        channel: Channel,
+    },
+    /// The channel left the application (hang-up, or `continue` into the dialplan — in which
+    /// case its later events still arrive).
+    StasisEnd {
+        timestamp: String,
+        channel: Channel,
+    },
+    ChannelCreated {
+        timestamp: String,
+        channel: Channel,
+    },
+    ChannelStateChange {
+        timestamp: String,
+        channel: Channel,
+    },
+    /// A hang-up was asked for. With `soft: true`, `cause` is a soft-hangup flag (32 = ARI
+    /// DELETE, 16 = end of dialplan, 4 = shutdown), not a Q.850 code.
+    ChannelHangupRequest {
+        timestamp: String,
+        #[serde(default)]
+        cause: Option<i32>,
+        #[serde(default)]
+        soft: Option<bool>,
+        #[serde(default)]
+        tech_cause: Option<i32>,
+        channel: Channel,
+    },
+    /// The channel is gone. `cause` is the Q.850 code; `tech_cause` the SIP status, if any.
+    ChannelDestroyed {
+        timestamp: String,
+        cause: i32,
+        #[serde(default)]
+        cause_txt: String,
+        #[serde(default)]
+        tech_cause: Option<i32>,
+        channel: Channel,
+    },
+    /// Progress of the originated channel's dial: `peer` is the originated channel and
+    /// `dialstatus` goes `""` → `RINGING` → `ANSWER` | `BUSY` | `CONGESTION` | `NOANSWER`.
+    Dial {
+        timestamp: String,
+        #[serde(default)]
+        dialstatus: String,
+        #[serde(default)]
+        dialstring: Option<String>,
+        #[serde(default)]
+        forward: Option<String>,
+        peer: Channel,
+        /// Absent for an originate: there is no calling channel.
+        #[serde(default)]
+        caller: Option<Box<Channel>>,
+    },
+    ChannelVarset {
+        timestamp: String,
+        variable: String,
+        #[serde(default)]
+        value: String,
+        #[serde(default)]
+        channel: Option<Channel>,
+    },
+    ChannelDialplan {
+        timestamp: String,
+        #[serde(default)]
+        dialplan_app: String,
+        #[serde(default)]
+        dialplan_app_data: String,
+        channel: Channel,
+    },
+    /// Playback events carry no channel, only the playback and its `channel:<id>` target.
+    PlaybackStarted {
+        timestamp: String,
+        playback: Playback,
+    },
+    /// `playback.state` is `done` (played to the end) or `failed` (no such sound, or the
+    /// channel hung up during it).
+    PlaybackFinished {
+        timestamp: String,
+        playback: Playback,
+    },
+    /// Another WebSocket took over this application; this one gets no more events.
+    ApplicationReplaced {
+        timestamp: String,
+        #[serde(default)]
+        application: String,
+    },
+    /// An event type ivr does not interpret, or one that did not have the expected shape.
+    #[serde(skip)]
+    Unknown {
+        kind: String,
+        raw: serde_json::Value,
+    },
+}
+
+/// Event types decoded into a typed variant; the rest become [`AriEvent::Unknown`].
+const TYPED: &[&str] = &[
+    "StasisStart",
+    "StasisEnd",
+    "ChannelCreated",
+    "ChannelStateChange",
+    "ChannelHangupRequest",
+    "ChannelDestroyed",
+    "Dial",
+    "ChannelVarset",
+    "ChannelDialplan",
+    "PlaybackStarted",
+    "PlaybackFinished",
+    "ApplicationReplaced",
+];
+
+impl AriEvent {
+    /// Decodes one WebSocket text message. Only text that is not a JSON object with a string
+    /// `type` is an error; an unfamiliar or unexpectedly shaped event is `Unknown`.
+    pub fn parse(text: &str) -> Result<AriEvent, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Tag {
+            #[serde(rename = "type")]
+            kind: String,
+        }
+        let Tag { kind } = serde_json::from_str(text)?;
+        if TYPED.contains(&kind.as_str()) {
+            match serde_json::from_str(text) {
+                Ok(event) => return Ok(event),
+                Err(e) => {
+                    tracing::warn!(event = %kind, error = %e, "ARI event with an unexpected shape; passed on as unknown")
+                }
+            }
+        }
+        Ok(AriEvent::Unknown { kind, raw: serde_json::from_str(text)? })
+    }
+
+    /// The event's `type`.
+    pub fn kind(&self) -> &str {
+        match self {
+            AriEvent::StasisStart { .. } => "StasisStart",
+            AriEvent::StasisEnd { .. } => "StasisEnd",
+            AriEvent::ChannelCreated { .. } => "ChannelCreated",
+            AriEvent::ChannelStateChange { .. } => "ChannelStateChange",
+            AriEvent::ChannelHangupRequest { .. } => "ChannelHangupRequest",
+            AriEvent::ChannelDestroyed { .. } => "ChannelDestroyed",
+            AriEvent::Dial { .. } => "Dial",
+            AriEvent::ChannelVarset { .. } => "ChannelVarset",
+            AriEvent::ChannelDialplan { .. } => "ChannelDialplan",
+            AriEvent::PlaybackStarted { .. } => "PlaybackStarted",
+            AriEvent::PlaybackFinished { .. } => "PlaybackFinished",
+            AriEvent::ApplicationReplaced { .. } => "ApplicationReplaced",
+            AriEvent::Unknown { kind, .. } => kind,
+        }
+    }
+
+    /// The id of the channel the event is about: the channel, a Dial's peer (the originated
+    /// channel), or a playback's target. `None` for application-level events.
+    pub fn channel_id(&self) -> Option<&str> {
+        match self {
+            AriEvent::StasisStart { channel, .. }
+            | AriEvent::StasisEnd { channel, .. }
+            | AriEvent::ChannelCreated { channel, .. }
+            | AriEvent::ChannelStateChange { channel, .. }
+            | AriEvent::ChannelHangupRequest { channel, .. }
+            | AriEvent::ChannelDestroyed { channel, .. }
+            | AriEvent::ChannelDialplan { channel, .. } => Some(&channel.id),
+            AriEvent::ChannelVarset { channel, .. } => channel.as_ref().map(|c| c.id.as_str()),
+            AriEvent::Dial { peer, .. } => Some(&peer.id),
+            AriEvent::PlaybackStarted { playback, .. } | AriEvent::PlaybackFinished { playback, .. } => {
+                playback.channel_id()
+            }
+            AriEvent::ApplicationReplaced { .. } => None,
+            AriEvent::Unknown { raw, .. } => raw.pointer("/channel/id").and_then(|v| v.as_str()),
+        }
+    }
+
+    /// When Asterisk says the event happened (`timestamp`, e.g. `2026-11-24T12:01:12.895+0000`).
+    pub fn timestamp(&self) -> Option<OffsetDateTime> {
+        let text = match self {
+            AriEvent::StasisStart { timestamp, .. }
+            | AriEvent::StasisEnd { timestamp, .. }
+            | AriEvent::ChannelCreated { timestamp, .. }
+            | AriEvent::ChannelStateChange { timestamp, .. }
+            | AriEvent::ChannelHangupRequest { timestamp, .. }
+            | AriEvent::ChannelDestroyed { timestamp, .. }
+            | AriEvent::Dial { timestamp, .. }
+            | AriEvent::ChannelVarset { timestamp, .. }
+            | AriEvent::ChannelDialplan { timestamp, .. }
+            | AriEvent::PlaybackStarted { timestamp, .. }
+            | AriEvent::PlaybackFinished { timestamp, .. }
+            | AriEvent::ApplicationReplaced { timestamp, .. } => timestamp.as_str(),
+            AriEvent::Unknown { raw, .. } => raw.get("timestamp")?.as_str()?,
+        };
+        parse_ari_time(text)
+    }
+}
+
+/// ARI writes offsets as `+0000`; RFC 3339 wants `+00:00`.
+pub(crate) fn parse_ari_time(text: &str) -> Option<OffsetDateTime> {
+    let (head, offset) = text.split_at_checked(text.len().checked_sub(5)?)?;
+    let rfc3339 = match offset.as_bytes() {
+        [sign @ (b'+' | b'-'), h1, h2, m1, m2] if [h1, h2, m1, m2].iter().all(|b| b.is_ascii_digit()) => {
+            format!("{head}{}{}{}:{}{}", *sign as char, *h1 as char, *h2 as char, *m1 as char, *m2 as char)
+        }
+        _ => text.to_owned(),
+    };
+    OffsetDateTime::parse(&rfc3339, &Rfc3339).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ari::model::ChannelState;
+
+    const DESTROYED: &str = r#"{"type": "ChannelDestroyed", "timestamp": "2026-11-24T12:03:17.498+0000", "cause": 17, "cause_txt": "User busy", "tech_cause": 486, "channel": {"id": "3888f6a9-47e9-42c2-821c-0c8039b65d8a", "name": "PJSIP/callee-00000001", "state": "Ringing", "protocol_id": "b8a5", "caller": {"name": "IVR Test", "number": "+15559990000"}, "connected": {"name": "", "number": ""}, "accountcode": "", "dialplan": {"context": "sim", "exten": "s", "priority": 1, "app_name": "AppDial2", "app_data": "(Outgoing Line)"}, "creationtime": "2026-11-24T12:03:16.488+0000", "language": "en"}, "asterisk_id": "02:00:00:00:00:01", "application": "ivr"}"#;
+
+    #[test]
+    fn typed_events_decode_with_their_fields() {
+        let event = AriEvent::parse(DESTROYED).unwrap();
+        let AriEvent::ChannelDestroyed { cause, cause_txt, tech_cause, channel, .. } = &event else {
+            panic!("decoded as {event:?}");
+        };
+        assert_eq!((*cause, cause_txt.as_str(), *tech_cause), (17, "User busy", Some(486)));
+        assert_eq!(channel.state, ChannelState::Ringing);
+        assert_eq!(event.channel_id(), Some("3888f6a9-47e9-42c2-821c-0c8039b65d8a"));
+        let at = event.timestamp().unwrap();
+        assert_eq!((at.hour(), at.minute(), at.second(), at.millisecond()), (12, 3, 17, 498));
+    }
+
+    #[test]
+    fn other_events_are_unknown_not_errors() {
+        let text = r#"{"type": "DeviceStateChanged", "application": "ivr", "timestamp": "2026-11-24T12:01:22.643+0000", "device_state": {"name": "Local/+15550000001@sim", "state": "INUSE"}}"#;
+        let event = AriEvent::parse(text).unwrap();
+        assert_eq!(event.kind(), "DeviceStateChanged");
+        assert!(matches!(&event, AriEvent::Unknown { raw, .. } if raw["device_state"]["state"] == "INUSE"));
+        assert!(event.timestamp().is_some());
+
+        // A known type with an unexpected shape is passed on, not lost.
+        let odd = AriEvent::parse(r#"{"type": "ChannelDestroyed", "cause": "sixteen"}"#).unwrap();
+        assert_eq!(odd.kind(), "ChannelDestroyed");
+        assert!(matches!(odd, AriEvent::Unknown { .. }));
+
+        assert!(AriEvent::parse("not json").is_err());
+        assert!(AriEvent::parse(r#"{"no_type": 1}"#).is_err());
+    }
+
+    #[test]
+    fn playback_events_name_their_channel_through_the_target() {
+        let text = r#"{"type": "PlaybackFinished", "timestamp": "2026-11-24T12:35:50.150+0000", "playback": {"id": "4c7a", "media_uri": "sound:demo-congrats", "target_uri": "channel:95f6ad3c", "language": "en", "state": "failed"}}"#;
+        let event = AriEvent::parse(text).unwrap();
+        assert_eq!(event.channel_id(), Some("95f6ad3c"));
+    }
+
+    #[test]
+    fn unknown_channel_states_do_not_fail_decoding() {
+        let state: ChannelState = serde_json::from_str("\"Something New\"").unwrap();
+        assert_eq!(state, ChannelState::Unknown);
+        let state: ChannelState = serde_json::from_str("\"Dialing Offhook\"").unwrap();
+        assert_eq!(state, ChannelState::DialingOffhook);
+    }
+}

@@ -1,0 +1,252 @@
+//! The `/ari/events` WebSocket as a stream that never silently loses anything.
+//!
+//! A background task owns the socket. It reconnects by itself (exponential backoff with
+//! jitter) and reports every connect, disconnect and replacement as a [`StreamItem`], so the
+//! call engine knows when it must reconcile. Events go through a bounded buffer: when the
+//! consumer falls behind, new events are dropped and the next item it reads says how many.
+
+use std::time::Duration;
+
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::{sleep, timeout, Instant};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::header::{HeaderValue, AUTHORIZATION};
+use tokio_tungstenite::tungstenite::{self, Message};
+
+use super::{AriConfig, AriError, AriEvent};
+
+/// What the event stream tells its consumer.
+#[derive(Clone, Debug, PartialEq)]
+// Events are nearly all of the traffic; boxing them would cost an allocation each for nothing.
+#[allow(clippy::large_enum_variant)]
+pub enum StreamItem {
+    /// A WebSocket is open. `connection` counts them from 1; anything above 1 is a reconnect,
+    /// after which events may have been missed and calls should be reconciled.
+    Connected {
+        connection: u64,
+    },
+    /// An attempt to connect failed; the next one comes after `retry_in`.
+    ConnectFailed {
+        reason: String,
+        retry_in: Duration,
+    },
+    /// The open WebSocket closed or broke; a reconnect comes after `retry_in`.
+    Disconnected {
+        reason: String,
+        retry_in: Duration,
+    },
+    /// Another WebSocket took over this application (ApplicationReplaced): this one would get
+    /// no more events. We reconnect after `retry_in`, the longest backoff, so two consumers
+    /// of one app name do not fight at full speed.
+    Replaced {
+        retry_in: Duration,
+    },
+    Event(AriEvent),
+    /// `count` events were dropped here because the consumer fell behind.
+    Dropped {
+        count: u64,
+    },
+}
+
+/// The ARI event stream. Dropping it closes the WebSocket.
+#[derive(Debug)]
+pub struct EventStream {
+    items: mpsc::Receiver<StreamItem>,
+    task: JoinHandle<()>,
+}
+
+impl EventStream {
+    /// Starts connecting in the background; the first item says how that went.
+    pub fn connect(config: AriConfig) -> Result<EventStream, AriError> {
+        let url = config.events_url()?;
+        let (tx, items) = mpsc::channel(config.event_buffer.max(1));
+        let task = tokio::spawn(run(config, url, tx));
+        Ok(EventStream { items, task })
+    }
+
+    /// The next item; `None` once the stream has stopped.
+    pub async fn next(&mut self) -> Option<StreamItem> {
+        self.items.recv().await
+    }
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Why a connection ended.
+enum Ended {
+    Closed(String),
+    Replaced,
+    ConsumerGone,
+}
+
+async fn run(config: AriConfig, url: reqwest::Url, tx: mpsc::Sender<StreamItem>) {
+    let mut connections = 0u64;
+    let mut failures = 0u32;
+    loop {
+        let item = match open(&config, &url).await {
+            Ok(socket) => {
+                connections += 1;
+                failures = 0;
+                tracing::info!(connection = connections, app = %config.app, "ARI event stream connected");
+                if tx.send(StreamItem::Connected { connection: connections }).await.is_err() {
+                    return;
+                }
+                let mut dropped = 0;
+                let ended = pump(socket, &config, &tx, &mut dropped).await;
+                // Whatever was lost on this connection is said before the connection's end.
+                if dropped > 0 && tx.send(StreamItem::Dropped { count: dropped }).await.is_err() {
+                    return;
+                }
+                match ended {
+                    Ended::ConsumerGone => return,
+                    Ended::Replaced => {
+                        tracing::warn!(app = %config.app, "another WebSocket took over the ARI application");
+                        StreamItem::Replaced { retry_in: config.reconnect_max }
+                    }
+                    Ended::Closed(reason) => {
+                        tracing::warn!(%reason, "ARI event stream disconnected");
+                        StreamItem::Disconnected { reason, retry_in: backoff(&config, 0) }
+                    }
+                }
+            }
+            Err(reason) => {
+                failures = failures.saturating_add(1);
+                let retry_in = backoff(&config, failures);
+                tracing::warn!(%reason, ?retry_in, "ARI event stream could not connect");
+                StreamItem::ConnectFailed { reason, retry_in }
+            }
+        };
+        let delay = match &item {
+            StreamItem::ConnectFailed { retry_in, .. }
+            | StreamItem::Disconnected { retry_in, .. }
+            | StreamItem::Replaced { retry_in } => *retry_in,
+            _ => Duration::ZERO,
+        };
+        if tx.send(item).await.is_err() {
+            return;
+        }
+        tokio::select! {
+            _ = sleep(delay) => {}
+            _ = tx.closed() => return,
+        }
+    }
+}
+
+/// The delay before reconnect attempt `failures` (0 right after a working connection broke):
+/// `reconnect_min · 2^failures`, capped, then jittered to between half and all of it so that
+/// many clients restarted together do not reconnect in step.
+fn backoff(config: &AriConfig, failures: u32) -> Duration {
+    let ceiling = config.reconnect_min.saturating_mul(1u32 << failures.min(16)).min(config.reconnect_max);
+    let half = ceiling / 2;
+    half + half.mul_f64(fastrand::f64())
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn open(config: &AriConfig, url: &reqwest::Url) -> Result<Socket, String> {
+    let mut request = url.as_str().into_client_request().map_err(|e| e.to_string())?;
+    let credentials =
+        base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", config.username, config.password));
+    let mut auth = HeaderValue::from_str(&format!("Basic {credentials}")).map_err(|e| e.to_string())?;
+    auth.set_sensitive(true);
+    request.headers_mut().insert(AUTHORIZATION, auth);
+    match timeout(config.connect_timeout, tokio_tungstenite::connect_async(request)).await {
+        Err(_) => Err(format!("no WebSocket handshake within {:?}", config.connect_timeout)),
+        Ok(Err(tungstenite::Error::Http(response))) => Err(match response.status().as_u16() {
+            401 => "ARI refused the credentials (401)".to_owned(),
+            status => format!("ARI refused the WebSocket with HTTP {status}"),
+        }),
+        Ok(Err(e)) => Err(e.to_string()),
+        Ok(Ok((socket, _))) => Ok(socket),
+    }
+}
+
+/// Reads one connection until it ends, forwarding events and answering keep-alive.
+/// `dropped` counts events lost to a full buffer and not yet reported.
+async fn pump(mut socket: Socket, config: &AriConfig, tx: &mpsc::Sender<StreamItem>, dropped: &mut u64) -> Ended {
+    let mut ping = tokio::time::interval(config.ping_interval);
+    ping.tick().await; // the first tick is immediate
+    let mut last_heard = Instant::now();
+    loop {
+        let message = tokio::select! {
+            message = socket.next() => message,
+            _ = ping.tick() => {
+                if last_heard.elapsed() > config.ping_interval * 2 {
+                    return Ended::Closed(format!("nothing heard from ARI for {:?}", last_heard.elapsed()));
+                }
+                if let Err(e) = socket.send(Message::Ping(Vec::new().into())).await {
+                    return Ended::Closed(e.to_string());
+                }
+                continue;
+            }
+            _ = tx.closed() => return Ended::ConsumerGone,
+        };
+        last_heard = Instant::now();
+        let text = match message {
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => {
+                return Ended::Closed(match frame {
+                    Some(frame) => format!("closed by ARI ({} {})", u16::from(frame.code), frame.reason),
+                    None => "closed by ARI".to_owned(),
+                })
+            }
+            Some(Ok(_)) => continue, // pings are answered by tungstenite; pongs and binary carry nothing
+            Some(Err(e)) => return Ended::Closed(e.to_string()),
+            None => return Ended::Closed("connection ended".to_owned()),
+        };
+        let event = match AriEvent::parse(text.as_str()) {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::warn!(error = %e, "ARI sent a message that is not an event");
+                continue;
+            }
+        };
+        let replaced = matches!(event, AriEvent::ApplicationReplaced { .. });
+        if *dropped > 0 {
+            match tx.try_send(StreamItem::Dropped { count: *dropped }) {
+                Ok(()) => *dropped = 0,
+                Err(mpsc::error::TrySendError::Closed(_)) => return Ended::ConsumerGone,
+                Err(mpsc::error::TrySendError::Full(_)) => {}
+            }
+        }
+        match tx.try_send(StreamItem::Event(event)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Closed(_)) => return Ended::ConsumerGone,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                *dropped += 1;
+                if *dropped == 1 {
+                    tracing::warn!("ARI event consumer is behind; dropping events");
+                }
+            }
+        }
+        if replaced {
+            let _ = socket.close(None).await;
+            return Ended::Replaced;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_within_jitter_and_caps() {
+        let config = AriConfig::new("http://127.0.0.1:1/ari", "u", "p", "a");
+        for failures in 0..12u32 {
+            let ceiling = (config.reconnect_min * 2u32.pow(failures)).min(config.reconnect_max);
+            for _ in 0..50 {
+                let d = backoff(&config, failures);
+                assert!(d >= ceiling / 2 && d <= ceiling, "attempt {failures}: {d:?} outside {ceiling:?}");
+            }
+        }
+        assert!(backoff(&config, u32::MAX) <= config.reconnect_max);
+    }
+}
