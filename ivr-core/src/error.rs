@@ -1,7 +1,7 @@
 //! The one error type at ivr-core's boundary.
 
 use crate::ari::AriError;
-use crate::call::{Call, CallId, PhoneNumberError};
+use crate::call::{Call, CallId, CallStatus, PhoneNumberError};
 
 /// A boxed error from a layer below (a database driver, an HTTP client).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -20,6 +20,23 @@ pub enum Error {
     /// existing call comes along, so an idempotent retry can answer with it.
     #[error("a call with this {on} already exists ({})", existing.call_id)]
     AlreadyExists { on: Conflict, existing: Box<Call> },
+
+    /// A call request that cannot be placed as asked (a bad field, a value out of range).
+    #[error("invalid call request: {0}")]
+    InvalidRequest(String),
+
+    /// The concurrent-call cap is reached; try again when calls have ended.
+    #[error("too many active calls: the limit is {limit}")]
+    TooManyActiveCalls { limit: usize },
+
+    /// The call has ended; there is nothing to cancel.
+    #[error("call {call_id} already ended as {status}")]
+    NotCancelable { call_id: CallId, status: CallStatus },
+
+    /// Asterisk refused the originate. The call is stored as failed (`originate_failed`) and
+    /// can still be read.
+    #[error("Asterisk refused the call: {source}")]
+    OriginateFailed { call: Box<Call>, source: AriError },
 
     /// Asterisk refused or failed a request, or could not be reached.
     #[error(transparent)]

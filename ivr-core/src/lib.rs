@@ -6,6 +6,8 @@
 //! - [`call`]: the call model — [`CallId`], [`PhoneNumber`], [`CallStatus`], [`Call`] and the
 //!   forward-only transition rules.
 //! - [`ari`]: the ARI client — REST calls and the event WebSocket.
+//! - [`manager`]: [`CallManager`], the engine that originates calls and follows them to
+//!   their end.
 //! - [`store`]: the [`CallStore`] contract with in-memory, SQLite and PostgreSQL
 //!   implementations.
 //!
@@ -14,6 +16,7 @@
 pub mod ari;
 pub mod call;
 mod error;
+pub mod manager;
 pub mod store;
 
 pub use call::{
@@ -21,4 +24,5 @@ pub use call::{
     TransitionRecord,
 };
 pub use error::{BoxError, Conflict, Error, Result};
+pub use manager::{CallManager, CallRequest, CallUpdates, ManagerSettings};
 pub use store::{Applied, CallPage, CallQuery, CallStore, Cursor, MemoryCallStore, SqlCallStore};

@@ -1,0 +1,55 @@
+//! The manager's Prometheus metrics. Labels are low-cardinality by construction: fixed
+//! outcome, reason and error-kind names, never a number or an id.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    /// `outcome`: dialing | failed | refused | duplicate.
+    pub originations: IntCounterVec,
+    pub active_calls: IntGauge,
+    pub answered: IntCounter,
+    /// `reason`: a FailureReason name.
+    pub failed: IntCounterVec,
+    /// `kind`: an AriError kind.
+    pub ari_errors: IntCounterVec,
+    pub ws_reconnects: IntCounter,
+    pub events_dropped: IntCounter,
+    pub originate_seconds: Histogram,
+}
+
+impl Metrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = Metrics {
+            originations: IntCounterVec::new(
+                Opts::new("ivr_originations_total", "Originate requests by outcome"),
+                &["outcome"],
+            )?,
+            active_calls: IntGauge::new("ivr_active_calls", "Calls not yet ended")?,
+            answered: IntCounter::new("ivr_calls_answered_total", "Calls answered")?,
+            failed: IntCounterVec::new(
+                Opts::new("ivr_calls_failed_total", "Calls ended without an answer, by reason"),
+                &["reason"],
+            )?,
+            ari_errors: IntCounterVec::new(
+                Opts::new("ivr_ari_errors_total", "Failed ARI requests by kind"),
+                &["kind"],
+            )?,
+            ws_reconnects: IntCounter::new("ivr_ari_websocket_reconnects_total", "ARI event WebSocket reconnects")?,
+            events_dropped: IntCounter::new("ivr_ari_events_dropped_total", "ARI events dropped by a slow consumer")?,
+            originate_seconds: Histogram::with_opts(
+                HistogramOpts::new("ivr_originate_duration_seconds", "Time for ARI to accept an originate")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+            )?,
+        };
+        registry.register(Box::new(metrics.originations.clone()))?;
+        registry.register(Box::new(metrics.active_calls.clone()))?;
+        registry.register(Box::new(metrics.answered.clone()))?;
+        registry.register(Box::new(metrics.failed.clone()))?;
+        registry.register(Box::new(metrics.ari_errors.clone()))?;
+        registry.register(Box::new(metrics.ws_reconnects.clone()))?;
+        registry.register(Box::new(metrics.events_dropped.clone()))?;
+        registry.register(Box::new(metrics.originate_seconds.clone()))?;
+        Ok(metrics)
+    }
+}
