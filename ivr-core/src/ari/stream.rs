@@ -186,6 +186,12 @@ async fn pump(mut socket: Socket, config: &AriConfig, tx: &mpsc::Sender<StreamIt
                 }
                 continue;
             }
+            // Report a loss as soon as the consumer makes room, not only with the next event.
+            permit = tx.reserve(), if *dropped > 0 => {
+                let Ok(permit) = permit else { return Ended::ConsumerGone };
+                permit.send(StreamItem::Dropped { count: std::mem::take(dropped) });
+                continue;
+            }
             _ = tx.closed() => return Ended::ConsumerGone,
         };
         last_heard = Instant::now();
