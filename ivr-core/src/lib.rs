@@ -16,6 +16,8 @@
 pub mod ari;
 pub mod call;
 mod error;
+#[cfg(feature = "testing")]
+pub mod fake;
 pub mod manager;
 pub mod store;
 
