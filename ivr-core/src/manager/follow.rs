@@ -34,6 +34,9 @@ pub(crate) enum Command {
     /// Run the call's [`AnswerAction`].
     OnAnswer(AnswerAction),
     HangUp,
+    /// Our channel is gone with cause 0 while its callee half, which usually says why
+    /// (busy: 17), is still to be destroyed: end the call after a short wait for it.
+    FinishEnd,
 }
 
 /// The outcome of one event for one call.
@@ -63,7 +66,10 @@ pub(crate) struct Tracker {
     requested_cause: Option<i32>,
     hangup_requested: bool,
     shutdown: bool,
+    sibling_seen: bool,
     sibling_end: Option<Hangup>,
+    /// Our channel's end, held back until the callee half's end gives its cause.
+    pending_end: Option<(Hangup, String)>,
     /// Something worth keeping in the history with the end (a failed playback).
     note: Option<String>,
 }
@@ -103,7 +109,9 @@ impl Tracker {
             requested_cause: None,
             hangup_requested: false,
             shutdown: false,
+            sibling_seen: false,
             sibling_end: None,
+            pending_end: None,
             note: None,
         }
     }
@@ -120,6 +128,9 @@ impl Tracker {
     /// Interprets one event about this call's current attempt.
     pub fn on_event(&mut self, event: &AriEvent, half: Half) -> Reaction {
         self.last_event = Instant::now();
+        if half == Half::Sibling {
+            self.sibling_seen = true;
+        }
         let mut reaction = Reaction::default();
         match (event, half) {
             (AriEvent::ChannelStateChange { channel, .. }, Half::Ours) => match channel.state {
@@ -168,18 +179,18 @@ impl Tracker {
             }
             (AriEvent::ChannelDestroyed { cause, cause_txt, .. }, Half::Sibling) => {
                 self.sibling_end = Some(Hangup { code: clamp_cause(*cause), text: cause_txt.clone() });
+                reaction.transition = self.finish_pending_end();
             }
             (AriEvent::ChannelDestroyed { cause, cause_txt, channel, .. }, Half::Ours) => {
                 let own = Hangup { code: clamp_cause(*cause), text: cause_txt.clone() };
-                let reason = self.unanswered_reason(*cause);
-                let mut text = format!("ChannelDestroyed {} {}", own.code, own.text);
-                if let Some(note) = &self.note {
-                    text = format!("{text}; {note}");
+                if own.code == 0 && self.sibling_seen && self.sibling_end.is_none() {
+                    // Recorded for busy: ours goes first with 0 "Unknown", the callee half
+                    // follows within milliseconds with 17 "User busy".
+                    self.pending_end = Some((own, channel.name.clone()));
+                    reaction.command = Some(Command::FinishEnd);
+                } else {
+                    reaction.transition = Some(self.end(own, &channel.name));
                 }
-                let hangup = self.recorded_hangup(own);
-                reaction.transition = Some(
-                    self.step(Step::Ended { reason_if_unanswered: reason }, text).channel(&channel.name).hangup(hangup),
-                );
             }
             (AriEvent::PlaybackFinished { playback, .. }, _) => {
                 if playback.state == "failed" && !self.hangup_requested {
@@ -194,6 +205,23 @@ impl Tracker {
             _ => {}
         }
         reaction
+    }
+
+    /// The end held back by [`Command::FinishEnd`], if it is still waiting.
+    pub fn finish_pending_end(&mut self) -> Option<Transition> {
+        let (own, channel) = self.pending_end.take()?;
+        Some(self.end(own, &channel))
+    }
+
+    fn end(&self, own: Hangup, channel: &str) -> Transition {
+        let reason = self.unanswered_reason(i32::from(own.code));
+        let mut cause = format!("ChannelDestroyed {} {}", own.code, own.text);
+        if let Some(note) = &self.note {
+            cause = format!("{cause}; {note}");
+        }
+        self.step(Step::Ended { reason_if_unanswered: reason }, cause)
+            .channel(channel)
+            .hangup(self.recorded_hangup(own))
     }
 
     /// Why an unanswered call ended, from everything its events said.
@@ -300,6 +328,27 @@ mod tests {
         );
         assert_eq!(reason(&end), FailureReason::Busy);
         assert_eq!(end.hangup, Some(Hangup { code: 17, text: "User busy".into() }));
+    }
+
+    #[test]
+    fn local_busy_in_recorded_order_waits_for_the_callee_halfs_cause() {
+        let mut t = tracker();
+        t.on_event(&dial("BUSY"), Half::Ours);
+        let hangup_request = AriEvent::ChannelHangupRequest {
+            timestamp: String::new(),
+            cause: Some(0),
+            soft: None,
+            tech_cause: None,
+            channel: channel("a;2", ChannelState::Busy),
+        };
+        t.on_event(&hangup_request, Half::Sibling);
+        let held = t.on_event(&destroyed("a", 0, "Unknown"), Half::Ours);
+        assert!(held.transition.is_none());
+        assert_eq!(held.command, Some(Command::FinishEnd));
+        let end = t.on_event(&destroyed("a;2", 17, "User busy"), Half::Sibling).transition.expect("the end");
+        assert_eq!(reason(&end), FailureReason::Busy);
+        assert_eq!(end.hangup, Some(Hangup { code: 17, text: "User busy".into() }));
+        assert!(t.finish_pending_end().is_none(), "ended once");
     }
 
     #[test]

@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use prometheus::Registry;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use crate::ari::{AriClient, AriError, AriEvent, EventStream, OriginateRequest, OriginateTarget, StreamItem};
@@ -124,7 +124,13 @@ struct Shared {
 struct LiveCall {
     tracker: Tracker,
     updates: watch::Sender<Call>,
+    /// Transitions from events, applied in order by the call's own task, so the event loop
+    /// never waits on the store and one slow call does not hold up the others.
+    transitions: mpsc::UnboundedSender<Transition>,
 }
+
+/// How long our channel's end waits for its callee half's end, which carries the cause.
+const SIBLING_WAIT: Duration = Duration::from_millis(250);
 
 impl CallManager {
     /// A manager placing calls through `ari`, keeping them in `store`, with its metrics in
@@ -202,8 +208,7 @@ impl CallManager {
                 shared.metrics.originations.with_label_values(&["refused"]).inc();
                 return Err(Error::TooManyActiveCalls { limit: shared.settings.max_active_calls });
             }
-            let (updates, _) = watch::channel(call.clone());
-            live.insert(call.call_id, LiveCall { tracker: Tracker::new(1, on_answer, ring_timeout), updates });
+            live.insert(call.call_id, self.live_call(&call, Tracker::new(1, on_answer, ring_timeout)));
             shared.metrics.active_calls.set(live.len() as i64);
         }
         if let Err(e) = shared.store.insert(&call).await {
@@ -289,6 +294,24 @@ impl CallManager {
 
     fn with_tracker<T>(&self, call_id: CallId, f: impl FnOnce(&mut Tracker) -> T) -> Option<T> {
         self.live().get_mut(&call_id).map(|c| f(&mut c.tracker))
+    }
+
+    /// The entry for a call we start following, with its transition task.
+    fn live_call(&self, call: &Call, tracker: Tracker) -> LiveCall {
+        let (updates, _) = watch::channel(call.clone());
+        let (transitions, mut queue) = mpsc::unbounded_channel();
+        let manager = self.clone();
+        let call_id = call.call_id;
+        tokio::spawn(async move {
+            // Ends when the call is let go and its sender dropped.
+            while let Some(transition) = queue.recv().await {
+                if let Err(e) = manager.apply(call_id, transition).await {
+                    // The deadline sweep will ask Asterisk again once the store is back.
+                    tracing::error!(%call_id, error = %e, "could not record a transition");
+                }
+            }
+        });
+        LiveCall { tracker, updates, transitions }
     }
 
     fn forget(&self, call_id: CallId) {
@@ -527,31 +550,39 @@ impl CallManager {
         let Some(channel_id) = event.channel_id() else { return };
         let Some((call_id, attempt)) = CallId::parse_channel_id(channel_id) else { return };
         let half = Half::of(channel_id);
-        let reaction = {
+        let command = {
             let mut live = self.live();
             let Some(entry) = live.get_mut(&call_id) else { return };
             if entry.tracker.attempt != attempt {
                 return;
             }
-            entry.tracker.on_event(&event, half)
+            let reaction = entry.tracker.on_event(&event, half);
+            if let Some(transition) = reaction.transition {
+                let _ = entry.transitions.send(transition);
+            }
+            reaction.command
         };
         tracing::debug!(%call_id, event = event.kind(), "ARI event");
-        if let Some(transition) = reaction.transition {
-            if let Err(e) = self.apply(call_id, transition).await {
-                // The deadline sweep will ask Asterisk again once the store is back.
-                tracing::error!(%call_id, error = %e, "could not record a transition");
-            }
-        }
-        if let Some(command) = reaction.command {
+        if let Some(command) = command {
             let manager = self.clone();
-            let channel_id = call_id.channel_id(attempt);
-            tokio::spawn(async move { manager.run_command(&channel_id, command).await });
+            tokio::spawn(async move { manager.run_command(call_id, attempt, command).await });
         }
     }
 
-    async fn run_command(&self, channel_id: &str, command: Command) {
+    async fn run_command(&self, call_id: CallId, attempt: u32, command: Command) {
         let ari = &self.shared.ari;
+        let channel_id = &call_id.channel_id(attempt);
         let result = match &command {
+            Command::FinishEnd => {
+                tokio::time::sleep(SIBLING_WAIT).await;
+                let mut live = self.live();
+                if let Some(entry) = live.get_mut(&call_id) {
+                    if let Some(end) = entry.tracker.finish_pending_end() {
+                        let _ = entry.transitions.send(end);
+                    }
+                }
+                return;
+            }
             Command::OnAnswer(AnswerAction::Continue { context, extension, priority }) => {
                 ari.continue_in_dialplan(channel_id, context, extension, *priority).await
             }
@@ -561,7 +592,7 @@ impl CallManager {
         match result {
             Ok(()) | Err(AriError::NotFound { .. }) => {} // gone already: its end is on the way
             Err(e) => {
-                tracing::warn!(channel_id, ?command, error = %e, "ARI command failed");
+                tracing::warn!(%call_id, ?command, error = %e, "ARI command failed");
                 self.ari_error(e);
             }
         }
@@ -642,9 +673,9 @@ impl CallManager {
         tracker.dialed = Some(Instant::now());
         // An answered call was already sent on its way by whoever followed it before.
         tracker.answer_action_started = call.status == CallStatus::Answered;
-        let (updates, _) = watch::channel(call.clone());
+        let entry = self.live_call(call, tracker);
         let mut live = self.live();
-        live.entry(call.call_id).or_insert(LiveCall { tracker, updates });
+        live.entry(call.call_id).or_insert(entry);
         self.shared.metrics.active_calls.set(live.len() as i64);
     }
 

@@ -1,0 +1,552 @@
+//! CallManager against the fake Asterisk, with each store kind: the outcome table of every
+//! recorded scenario, and the faults the engine must survive.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use ivr_core::ari::{AriClient, AriConfig};
+use ivr_core::fake::{CalleePlan, FakeAsterisk, FakeConfig};
+use ivr_core::store::conformance::postgres_in_fresh_schema;
+use ivr_core::{
+    Call, CallManager, CallRequest, CallStatus, CallStore, Error, FailureReason, ManagerSettings, MemoryCallStore,
+    PhoneNumber, SqlCallStore,
+};
+use prometheus::Registry;
+use tokio::sync::oneshot;
+
+const WAIT: Duration = Duration::from_secs(20);
+const LOCAL: &str = "Local/{number}@sim";
+const PJSIP: &str = "PJSIP/{number}@trunk";
+
+async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
+    tokio::time::timeout(WAIT, fut).await.unwrap_or_else(|_| panic!("{what}: no result within {WAIT:?}"))
+}
+
+/// Every store kind this run can use: memory and SQLite always, PostgreSQL when configured.
+async fn stores() -> Vec<(&'static str, Arc<dyn CallStore>, Option<tempfile::TempDir>)> {
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = SqlCallStore::open_sqlite(&dir.path().join("calls.db")).await.unwrap();
+    let mut stores: Vec<(&'static str, Arc<dyn CallStore>, Option<tempfile::TempDir>)> =
+        vec![("memory", Arc::new(MemoryCallStore::new()), None), ("sqlite", Arc::new(sqlite), Some(dir))];
+    match std::env::var("IVR_TEST_DATABASE_URL") {
+        Ok(url) => stores.push(("postgres", Arc::new(postgres_in_fresh_schema(&url).await.unwrap()), None)),
+        Err(_) => {
+            let _ = writeln!(std::io::stderr(), "skipped: the PostgreSQL store (IVR_TEST_DATABASE_URL is not set)");
+        }
+    }
+    stores
+}
+
+struct Rig {
+    fake: FakeAsterisk,
+    manager: CallManager,
+    registry: Registry,
+    stop: Option<oneshot::Sender<()>>,
+    runner: tokio::task::JoinHandle<()>,
+}
+
+impl Rig {
+    async fn start(store: Arc<dyn CallStore>, settings: ManagerSettings) -> Rig {
+        Self::start_on(FakeAsterisk::start_with(fast()).await.expect("fake Asterisk"), store, settings).await
+    }
+
+    async fn start_on(fake: FakeAsterisk, store: Arc<dyn CallStore>, settings: ManagerSettings) -> Rig {
+        let mut ari = AriConfig::new(fake.http_url(), fake.username(), fake.password(), fake.app());
+        ari.request_timeout = Duration::from_secs(5);
+        ari.reconnect_min = Duration::from_millis(20);
+        ari.reconnect_max = Duration::from_millis(200);
+        let registry = Registry::new();
+        let manager = CallManager::new(AriClient::new(ari).unwrap(), store, settings, &registry).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runner = tokio::spawn({
+            let manager = manager.clone();
+            async move {
+                manager.run(async { stopped.await.unwrap_or(()) }).await.expect("run");
+            }
+        });
+        let rig = Rig { fake, manager, registry, stop: Some(stop), runner };
+        rig.until_connected().await;
+        rig
+    }
+
+    async fn until_connected(&self) {
+        within("connect", async {
+            while !self.manager.is_connected() {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+    }
+
+    /// Waits for the call's end through `watch`, checking the states come in order.
+    async fn end_of(&self, call: &Call) -> Call {
+        let mut updates = self.manager.watch(call.call_id).await.unwrap();
+        let mut last = None;
+        within("the call's end", async {
+            while let Some(state) = updates.next().await {
+                if let Some(previous) = &last {
+                    let previous: &Call = previous;
+                    assert!(state.history.len() > previous.history.len(), "each update is a new state");
+                }
+                last = Some(state);
+            }
+        })
+        .await;
+        let end = last.expect("at least the current state");
+        assert!(end.is_completed(), "the updates end with the call: {:?}", end.status);
+        assert_eq!(Some(&end), self.manager.get(call.call_id).await.unwrap().as_ref(), "the store agrees");
+        end
+    }
+
+    async fn until_status(&self, call: &Call, status: CallStatus) {
+        let mut updates = self.manager.watch(call.call_id).await.unwrap();
+        within("status", async {
+            while let Some(state) = updates.next().await {
+                if state.status == status {
+                    return;
+                }
+                assert!(state.is_active(), "ended as {} before reaching {status}", state.status);
+            }
+        })
+        .await;
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        within("run stops", &mut self.runner).await.unwrap();
+    }
+}
+
+fn fast() -> FakeConfig {
+    FakeConfig { time_scale: 0.03, ..FakeConfig::default() }
+}
+
+fn settings(template: &str) -> ManagerSettings {
+    ManagerSettings {
+        endpoint_template: template.into(),
+        default_caller_id: Some("\"IVR Test\" <+15559990000>".into()),
+        retry_delay: Duration::from_millis(20),
+        ..ManagerSettings::default()
+    }
+}
+
+fn to(number: &str) -> CallRequest {
+    CallRequest::to(PhoneNumber::parse(number).unwrap())
+}
+
+/// What the outcome table promises for one scenario.
+struct Expect {
+    status: CallStatus,
+    reason: Option<FailureReason>,
+    rang: bool,
+    answered: bool,
+    hangup_code: Option<u16>,
+}
+
+fn completed(rang: bool) -> Expect {
+    Expect { status: CallStatus::Completed, reason: None, rang, answered: true, hangup_code: Some(16) }
+}
+
+fn failed(reason: FailureReason, rang: bool, hangup_code: Option<u16>) -> Expect {
+    Expect { status: CallStatus::Failed, reason: Some(reason), rang, answered: false, hangup_code }
+}
+
+fn check(store: &str, scenario: &str, call: &Call, expect: &Expect) {
+    let what = format!("{scenario} on {store}: {call:#?}");
+    assert_eq!(call.status, expect.status, "{what}");
+    assert_eq!(call.failure_reason, expect.reason, "{what}");
+    assert_eq!(call.ringing_at.is_some(), expect.rang, "ringing_at, {what}");
+    assert_eq!(call.answered_at.is_some(), expect.answered, "answered_at, {what}");
+    assert!(call.ended_at.is_some(), "{what}");
+    if let Some(code) = expect.hangup_code {
+        assert_eq!(call.hangup.as_ref().map(|h| h.code), Some(code), "hangup cause, {what}");
+    }
+    // The history: accepted first, the end last, every status in between at most once and in order.
+    let statuses: Vec<CallStatus> = call.history.iter().map(|r| r.status).collect();
+    assert_eq!(statuses.first(), Some(&CallStatus::Pending), "{what}");
+    assert_eq!(statuses.last(), Some(&expect.status), "{what}");
+    assert_eq!(statuses.contains(&CallStatus::Ringing), expect.rang, "{what}");
+    assert_eq!(statuses.contains(&CallStatus::Answered), expect.answered, "{what}");
+    let order = |s: &CallStatus| CallStatus::ALL.iter().position(|x| x == s).unwrap().min(4);
+    assert!(statuses.windows(2).all(|w| order(&w[0]) < order(&w[1])), "history in order: {statuses:?}");
+}
+
+/// Runs one scenario on every store kind: `act` may act on the live call before its end.
+async fn scenario<A, F>(name: &str, template: &str, request: CallRequest, expect: Expect, act: A)
+where
+    A: Fn(Rig, Call) -> F,
+    F: Future<Output = (Rig, Call)>,
+{
+    for (store_name, store, _dir) in stores().await {
+        let rig = Rig::start(store, settings(template)).await;
+        let call = within("originate", rig.manager.originate(request.clone())).await.expect("originate");
+        let (rig, call) = act(rig, call).await;
+        let end = rig.end_of(&call).await;
+        check(store_name, name, &end, &expect);
+        rig.stop().await;
+    }
+}
+
+async fn as_is(rig: Rig, call: Call) -> (Rig, Call) {
+    (rig, call)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_app_continues_into_the_dialplan() {
+    scenario("answered_app", LOCAL, to("+15550000001"), completed(true), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_call() {
+    scenario("short_call", LOCAL, to("+15550000005"), completed(false), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy() {
+    scenario("busy", LOCAL, to("+15550000002"), failed(FailureReason::Busy, true, Some(17)), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn congestion() {
+    scenario("congestion", LOCAL, to("+15550000003"), failed(FailureReason::Congestion, true, Some(34)), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer() {
+    let request = CallRequest { timeout_secs: Some(5), ..to("+15550000004") };
+    scenario("no_answer", LOCAL, request, failed(FailureReason::NoAnswer, true, Some(19)), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected() {
+    scenario("rejected", LOCAL, to("+15550000006"), failed(FailureReason::Rejected, false, Some(21)), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_number() {
+    scenario("unknown_number", LOCAL, to("+15550009999"), failed(FailureReason::Unreachable, false, Some(0)), as_is)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangup_while_ringing_is_a_cancel() {
+    let expect = failed(FailureReason::Canceled, true, Some(16));
+    scenario("hangup_while_ringing", LOCAL, to("+15550000004"), expect, |rig, call| async move {
+        rig.until_status(&call, CallStatus::Ringing).await;
+        let canceled = within("cancel", rig.manager.cancel(call.call_id)).await.unwrap();
+        assert!(canceled.is_active() || canceled.status == CallStatus::Failed);
+        (rig, call)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_endpoints_fail_the_originate_and_keep_the_call() {
+    for (template, status) in [("Foo/{number}", 500), ("nobody{number}", 400), ("PJSIP/{number}", 500)] {
+        for (store_name, store, _dir) in stores().await {
+            let rig = Rig::start(store, settings(template)).await;
+            let err = within("originate", rig.manager.originate(to("+15550000001"))).await.unwrap_err();
+            let Error::OriginateFailed { call, source } = err else {
+                panic!("{template}: expected OriginateFailed, got {err}")
+            };
+            assert_eq!(source.status(), Some(status), "{template}: {source}");
+            let stored = rig.manager.get(call.call_id).await.unwrap().expect("the failed call is stored");
+            check(store_name, template, &stored, &failed(FailureReason::OriginateFailed, false, None));
+            assert!(stored.history.last().unwrap().cause.contains(&status.to_string()), "{:?}", stored.history);
+            rig.stop().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asterisk_restart_with_the_call_up() {
+    scenario(
+        "asterisk_restart",
+        LOCAL,
+        to("+15550000007"),
+        Expect { hangup_code: Some(0), ..completed(true) },
+        |rig, call| async move {
+            rig.until_status(&call, CallStatus::Answered).await;
+            within("restart", rig.fake.restart()).await;
+            (rig, call)
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_play_cut_by_the_callee() {
+    let request = CallRequest { audio: Some("sound:demo-congrats".into()), ..to("+15550000001") };
+    scenario("answered_play", LOCAL, request, completed(true), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn play_missing_sound_hangs_up_and_keeps_the_failure() {
+    let request = CallRequest { audio: Some("sound:no-such-sound-xyz".into()), ..to("+15550000007") };
+    for (store_name, store, _dir) in stores().await {
+        let rig = Rig::start(store, settings(LOCAL)).await;
+        let call = within("originate", rig.manager.originate(request.clone())).await.unwrap();
+        let end = rig.end_of(&call).await;
+        check(store_name, "play_missing_sound", &end, &completed(true));
+        let last = &end.history.last().unwrap().cause;
+        assert!(last.contains("playback of sound:no-such-sound-xyz failed"), "{last}");
+        rig.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hangup_answered_is_a_cancel_that_completes() {
+    scenario("hangup_answered", LOCAL, to("+15550000007"), completed(true), |rig, call| async move {
+        rig.until_status(&call, CallStatus::Answered).await;
+        within("cancel", rig.manager.cancel(call.call_id)).await.unwrap();
+        (rig, call)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answered_pjsip() {
+    scenario("answered_pjsip", PJSIP, to("+15550000001"), completed(true), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn busy_pjsip() {
+    scenario("busy_pjsip", PJSIP, to("+15550000002"), failed(FailureReason::Busy, true, Some(17)), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_answer_pjsip() {
+    let request = CallRequest { timeout_secs: Some(5), ..to("+15550000004") };
+    scenario("no_answer_pjsip", PJSIP, request, failed(FailureReason::NoAnswer, true, Some(19)), as_is).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejected_pjsip() {
+    scenario("rejected_pjsip", PJSIP, to("+15550000006"), failed(FailureReason::Rejected, false, Some(21)), as_is)
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callee_down_pjsip() {
+    for (store_name, store, _dir) in stores().await {
+        let fake = FakeAsterisk::start_with(fast()).await.unwrap();
+        fake.set_plan("+15550000008", CalleePlan::Unreachable);
+        let rig = Rig::start_on(fake, store, settings(PJSIP)).await;
+        let request = CallRequest { timeout_secs: Some(10), ..to("+15550000008") };
+        let call = within("originate", rig.manager.originate(request)).await.unwrap();
+        let end = rig.end_of(&call).await;
+        check(store_name, "callee_down_pjsip", &end, &failed(FailureReason::NoAnswer, false, Some(19)));
+        rig.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn early_events_are_applied_before_the_originate_returns() {
+    let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
+    // The answer to the originate comes after the whole short call has happened.
+    rig.fake.set_originate_delay(Duration::from_millis(200));
+    let call = within("originate", rig.manager.originate(to("+15550000006"))).await.unwrap();
+    assert_eq!(call.status, CallStatus::Failed, "the call ended before its originate returned");
+    check("memory", "early events", &call, &failed(FailureReason::Rejected, false, Some(21)));
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotent_retry_never_dials_twice() {
+    for (store_name, store, _dir) in stores().await {
+        let rig = Rig::start(store, settings(LOCAL)).await;
+        let request = CallRequest { idempotency_key: Some("order-1".into()), ..to("+15550000004") };
+        let first = within("first", rig.manager.originate(request.clone())).await.unwrap();
+        let again = within("again", rig.manager.originate(request.clone())).await.unwrap();
+        assert_eq!(again.call_id, first.call_id, "{store_name}");
+        assert_eq!(rig.fake.originate_count(), 1, "{store_name}: one POST /channels");
+        // Ten at once, too.
+        let racing = CallRequest { idempotency_key: Some("order-2".into()), ..to("+15550000004") };
+        let calls = join_all((0..10).map(|_| rig.manager.originate(racing.clone()))).await;
+        let ids: std::collections::HashSet<_> = calls.into_iter().map(|c| c.unwrap().call_id).collect();
+        assert_eq!(ids.len(), 1, "{store_name}: one call for one key");
+        assert_eq!(rig.fake.originate_count(), 2, "{store_name}: one more POST /channels");
+        rig.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_in_every_state() {
+    let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
+
+    // Pending, between two attempts: the cancel ends it, and the retry never dials.
+    let patient = ManagerSettings { retry_delay: Duration::from_secs(3600), ..settings(LOCAL) };
+    let waiting = Rig::start(Arc::new(MemoryCallStore::new()), patient).await;
+    let call = waiting.manager.originate(CallRequest { max_attempts: Some(2), ..to("+15550000002") }).await.unwrap();
+    within("back to pending for attempt 2", async {
+        loop {
+            let now = waiting.manager.get(call.call_id).await.unwrap().unwrap();
+            if now.status == CallStatus::Pending && now.attempt_number == 2 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    let canceled = waiting.manager.cancel(call.call_id).await.unwrap();
+    assert_eq!((canceled.status, canceled.failure_reason), (CallStatus::Failed, Some(FailureReason::Canceled)));
+    assert_eq!(waiting.fake.originate_count(), 1, "the canceled retry was never dialled");
+    assert_eq!(waiting.manager.active_calls(), 0);
+    waiting.stop().await;
+
+    // Dialing (right after the originate), ringing and answered.
+    for (number, wait_for, expect) in [
+        ("+15550000004", None, failed(FailureReason::Canceled, false, None)),
+        ("+15550000004", Some(CallStatus::Ringing), failed(FailureReason::Canceled, true, Some(16))),
+        ("+15550000007", Some(CallStatus::Answered), completed(true)),
+    ] {
+        let call = within("originate", rig.manager.originate(to(number))).await.unwrap();
+        if let Some(status) = wait_for {
+            rig.until_status(&call, status).await;
+        }
+        within("cancel", rig.manager.cancel(call.call_id)).await.unwrap();
+        let end = rig.end_of(&call).await;
+        assert_eq!((end.status, end.failure_reason), (expect.status, expect.reason), "{:?}", end.history);
+    }
+
+    // Ended: a clear error.
+    let call = within("originate", rig.manager.originate(to("+15550000006"))).await.unwrap();
+    let end = rig.end_of(&call).await;
+    match rig.manager.cancel(call.call_id).await {
+        Err(Error::NotCancelable { status, .. }) => assert_eq!(status, end.status),
+        other => panic!("expected NotCancelable, got {other:?}"),
+    }
+    assert!(matches!(rig.manager.cancel(ivr_core::CallId::new()).await, Err(Error::NotFound(_))));
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_websocket_mid_call_loses_nothing() {
+    for (store_name, store, _dir) in stores().await {
+        let rig = Rig::start(store, settings(LOCAL)).await;
+        let call = within("originate", rig.manager.originate(to("+15550000001"))).await.unwrap();
+        rig.until_status(&call, CallStatus::Ringing).await;
+        rig.fake.drop_websockets();
+        let end = rig.end_of(&call).await;
+        check(store_name, "dropped websocket", &end, &completed(true));
+        rig.until_connected().await;
+        let reconnects = metric(&rig.registry, "ivr_ari_websocket_reconnects_total");
+        assert!(reconnects >= 1.0, "{store_name}: the reconnect is counted");
+        rig.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_asterisk_restart_ends_every_call_that_was_up() {
+    let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
+    let mut calls = Vec::new();
+    for number in ["+15550000007", "+15550000007", "+15550000004"] {
+        calls.push(within("originate", rig.manager.originate(to(number))).await.unwrap());
+    }
+    rig.until_status(&calls[0], CallStatus::Answered).await;
+    rig.until_status(&calls[1], CallStatus::Answered).await;
+    rig.until_status(&calls[2], CallStatus::Ringing).await;
+    within("restart", rig.fake.restart()).await;
+    for call in &calls {
+        let end = rig.end_of(call).await;
+        assert!(end.is_completed(), "{:?}", end.history);
+    }
+    assert_eq!(rig.manager.active_calls(), 0);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missed_end_is_settled_by_the_deadline() {
+    let settings = ManagerSettings {
+        answered_silence: Duration::from_millis(300),
+        sweep_interval: Duration::from_millis(50),
+        ..settings(LOCAL)
+    };
+    let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings).await;
+    let call = within("originate", rig.manager.originate(to("+15550000007"))).await.unwrap();
+    rig.until_status(&call, CallStatus::Answered).await;
+    // Asterisk forgets the channel and says nothing: a crash on its side.
+    rig.fake.vanish(&call.call_id.to_string());
+    let end = rig.end_of(&call).await;
+    assert_eq!(end.status, CallStatus::Completed);
+    assert!(end.history.last().unwrap().cause.contains("no longer knows"), "{:?}", end.history);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_concurrency_cap_refuses_clearly() {
+    let rig =
+        Rig::start(Arc::new(MemoryCallStore::new()), ManagerSettings { max_active_calls: 2, ..settings(LOCAL) }).await;
+    let a = rig.manager.originate(to("+15550000004")).await.unwrap();
+    let _b = rig.manager.originate(to("+15550000004")).await.unwrap();
+    match rig.manager.originate(to("+15550000004")).await {
+        Err(e @ Error::TooManyActiveCalls { limit: 2 }) => assert!(e.to_string().contains("limit is 2")),
+        other => panic!("expected the cap, got {other:?}"),
+    }
+    rig.manager.cancel(a.call_id).await.unwrap();
+    rig.end_of(&a).await;
+    rig.manager.originate(to("+15550000004")).await.expect("room again after a call ended");
+    assert_eq!(metric(&rig.registry, "ivr_originations_total"), 4.0, "three placed and one refused");
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retries_place_a_new_attempt_after_a_busy_one() {
+    let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
+    let call = rig.manager.originate(CallRequest { max_attempts: Some(2), ..to("+15550000002") }).await.unwrap();
+    let end = rig.end_of(&call).await;
+    assert_eq!(
+        (end.status, end.failure_reason, end.attempt_number),
+        (CallStatus::Failed, Some(FailureReason::Busy), 2)
+    );
+    let failed_attempts: Vec<u32> =
+        end.history.iter().filter(|r| r.status == CallStatus::Failed).map(|r| r.attempt).collect();
+    assert_eq!(failed_attempts, [1, 2], "{:?}", end.history);
+    assert_eq!(rig.fake.originate_count(), 2);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_calls_each_reach_their_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(SqlCallStore::open_sqlite(&dir.path().join("calls.db")).await.unwrap());
+    let rig = Rig::start(store, ManagerSettings { max_active_calls: 1000, ..settings(LOCAL) }).await;
+    let plan: [(&str, CallStatus, Option<FailureReason>); 5] = [
+        ("+15550000005", CallStatus::Completed, None),
+        ("+15550000002", CallStatus::Failed, Some(FailureReason::Busy)),
+        ("+15550000003", CallStatus::Failed, Some(FailureReason::Congestion)),
+        ("+15550000006", CallStatus::Failed, Some(FailureReason::Rejected)),
+        ("+15550009999", CallStatus::Failed, Some(FailureReason::Unreachable)),
+    ];
+    let placed = within(
+        "1000 originates",
+        join_all((0..1000).map(|i| {
+            let manager = rig.manager.clone();
+            let (number, status, reason) = plan[i % plan.len()];
+            async move { (manager.originate(to(number)).await.expect("originate"), status, reason) }
+        })),
+    )
+    .await;
+    let ends = within("1000 ends", join_all(placed.iter().map(|(call, _, _)| rig.end_of(call)))).await;
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for ((_, status, reason), end) in placed.iter().zip(&ends) {
+        assert_eq!((end.status, end.failure_reason), (*status, *reason), "{}: {:?}", end.phone_number, end.history);
+        *outcomes.entry(format!("{}", end.status)).or_default() += 1;
+    }
+    assert_eq!(outcomes.values().sum::<usize>(), 1000);
+    assert_eq!(rig.manager.active_calls(), 0);
+    rig.stop().await;
+}
+
+fn metric(registry: &Registry, name: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric().iter().map(|m| m.get_counter().get_value()))
+        .sum()
+}
