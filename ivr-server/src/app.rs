@@ -1,0 +1,107 @@
+//! Assembly: from [`Settings`] to a store, the users, an ARI client, a CallManager and the
+//! [`AppState`] that [`serve`](crate::serve) mounts.
+
+use std::fmt;
+use std::sync::Arc;
+
+use ivr_core::ari::AriClient;
+use ivr_core::{CallManager, CallStore, MemoryCallStore, SqlCallStore};
+use prometheus::Registry;
+
+use crate::auth::Tokens;
+use crate::settings::{DbSettings, Settings};
+use crate::users::UserStore;
+use crate::{AppState, Options};
+
+/// Why the server could not start. The text never holds a secret.
+#[derive(Debug)]
+pub enum StartError {
+    Settings(crate::settings::SettingsError),
+    Store(ivr_core::Error),
+    Users(crate::users::UserError),
+    Ari(ivr_core::ari::AriError),
+    Manager(ivr_core::Error),
+    Metrics(prometheus::Error),
+    Listen(std::io::Error),
+}
+
+impl fmt::Display for StartError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StartError::Settings(e) => e.fmt(f),
+            StartError::Store(e) => write!(f, "cannot open the database (DATABASE_URL): {e}"),
+            StartError::Users(e) => write!(f, "cannot prepare the users table: {e}"),
+            StartError::Ari(e) => write!(f, "ARI settings: {e}"),
+            StartError::Manager(e) => write!(f, "call manager: {e}"),
+            StartError::Metrics(e) => write!(f, "metrics: {e}"),
+            StartError::Listen(e) => write!(f, "cannot listen (LISTEN_ADDR): {e}"),
+        }
+    }
+}
+
+impl std::error::Error for StartError {}
+
+/// The stores behind a running server.
+pub struct Stores {
+    pub calls: Arc<dyn CallStore>,
+    /// The SQL store, unless DISABLE_DB.
+    pub sql: Option<SqlCallStore>,
+    pub users: Option<UserStore>,
+}
+
+impl Stores {
+    /// Opens the database (running both sets of migrations), or memory with DISABLE_DB.
+    pub async fn open(db: &DbSettings) -> Result<Stores, StartError> {
+        let Some(url) = &db.database_url else {
+            return Ok(Stores { calls: Arc::new(MemoryCallStore::new()), sql: None, users: None });
+        };
+        let sql = SqlCallStore::connect(url.expose()).await.map_err(StartError::Store)?;
+        Self::on(sql, db.bcrypt_cost).await
+    }
+
+    /// Users and calls in `sql`'s database, migrated.
+    pub async fn on(sql: SqlCallStore, bcrypt_cost: u32) -> Result<Stores, StartError> {
+        let users = UserStore::new(&sql, bcrypt_cost).map_err(StartError::Users)?;
+        users.migrate().await.map_err(StartError::Users)?;
+        Ok(Stores { calls: Arc::new(sql.clone()), sql: Some(sql), users: Some(users) })
+    }
+
+    /// Closes the database cleanly (SQLite checkpoints its WAL).
+    pub async fn close(&self) {
+        if let Some(sql) = &self.sql {
+            sql.pool().close().await;
+        }
+    }
+}
+
+/// A server ready to mount.
+pub struct App {
+    pub state: AppState,
+    pub manager: CallManager,
+    pub stores: Stores,
+}
+
+impl App {
+    /// Opens the stores named by `settings` and builds the rest on them.
+    pub async fn build(settings: &Settings) -> Result<App, StartError> {
+        let stores = Stores::open(&settings.db).await?;
+        Self::with_stores(settings, stores)
+    }
+
+    /// Builds the manager and the state on stores the caller opened.
+    pub fn with_stores(settings: &Settings, stores: Stores) -> Result<App, StartError> {
+        let registry = Registry::new();
+        let ari = AriClient::new(settings.ari.clone()).map_err(StartError::Ari)?;
+        let manager = CallManager::new(ari, Arc::clone(&stores.calls), settings.manager.clone(), &registry)
+            .map_err(StartError::Manager)?;
+        let options = Options {
+            metrics_enabled: settings.metrics_enabled,
+            docs_enabled: settings.docs_enabled,
+            shutdown_grace: settings.shutdown_grace,
+        };
+        let state =
+            AppState::new(manager.clone(), stores.users.clone(), Tokens::new(&settings.auth), registry, options)
+                .map_err(StartError::Metrics)?;
+        Ok(App { state, manager, stores })
+    }
+}

@@ -1,0 +1,215 @@
+//! The subcommands: `serve` (the default), `migrate`, `user add|list|disable|enable|passwd`,
+//! `token --sub NAME`. Arguments are parsed by hand; a bad one is exit code 2 with the usage.
+
+use std::io::{BufRead, IsTerminal, Write};
+
+use crate::app::Stores;
+use crate::auth::Tokens;
+use crate::settings::{AuthSettings, DbSettings};
+
+pub const USAGE: &str = "\
+usage: ivr-server [COMMAND]
+
+commands:
+  serve                   run the API (the default); settings come from environment variables
+  migrate                 create or update the database schema (calls and users) and exit
+  user add NAME           add a user; the password is prompted for, or read as one line from stdin
+  user list               list users
+  user disable NAME       refuse NAME's password and tokens from now on
+  user enable NAME        undo `user disable`
+  user passwd NAME        set NAME's password (prompted for, or one line from stdin)
+  token --sub NAME        print an access token for NAME, signed with SECRET_KEY (no database needed;
+                          a server with a database accepts it only if NAME is an enabled user)
+  help                    this text
+
+See the settings table in the README (DATABASE_URL, SECRET_KEY, ARI_*, ...).";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    Serve,
+    Migrate,
+    UserAdd(String),
+    UserList,
+    UserDisable(String),
+    UserEnable(String),
+    UserPasswd(String),
+    Token { sub: String },
+    Help,
+}
+
+/// Parses the arguments after the program name.
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String> {
+    let args: Vec<String> = args.into_iter().collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    match args.as_slice() {
+        [] | ["serve"] => Ok(Command::Serve),
+        ["migrate"] => Ok(Command::Migrate),
+        ["help" | "--help" | "-h"] => Ok(Command::Help),
+        ["user", "add", name] => Ok(Command::UserAdd((*name).into())),
+        ["user", "list"] => Ok(Command::UserList),
+        ["user", "disable", name] => Ok(Command::UserDisable((*name).into())),
+        ["user", "enable", name] => Ok(Command::UserEnable((*name).into())),
+        ["user", "passwd", name] => Ok(Command::UserPasswd((*name).into())),
+        ["user", ..] => Err("`user` takes: add NAME | list | disable NAME | enable NAME | passwd NAME".into()),
+        ["token", "--sub", sub] if !sub.is_empty() => Ok(Command::Token { sub: (*sub).into() }),
+        ["token", arg] if arg.starts_with("--sub=") && arg.len() > 6 => Ok(Command::Token { sub: arg[6..].into() }),
+        ["token", ..] => Err("`token` takes: --sub NAME".into()),
+        [other, ..] => Err(format!("unknown command {other:?}")),
+    }
+}
+
+/// Runs every command but `serve` and `help`. The error is one line for the user.
+pub async fn run(command: Command) -> Result<(), String> {
+    match command {
+        Command::Serve | Command::Help => Err("not a maintenance command".into()),
+        Command::Token { sub } => {
+            let auth = AuthSettings::from_env().map_err(|e| e.to_string())?;
+            let token = Tokens::new(&auth).issue(&sub).map_err(|e| format!("cannot sign: {e}"))?;
+            println!("{}", token.access_token);
+            eprintln!("(valid for {} s; send it as `Authorization: Bearer <token>`)", token.expires_in);
+            Ok(())
+        }
+        Command::Migrate => {
+            let stores = open().await?;
+            stores.close().await;
+            eprintln!("the database schema is up to date");
+            Ok(())
+        }
+        command => {
+            let stores = open().await?;
+            let users = stores.users.as_ref().ok_or("no users with DISABLE_DB=true")?;
+            let result = match command {
+                Command::UserAdd(name) => {
+                    let password = read_password(&format!("password for {name}: "))?;
+                    users.add(&name, &password).await.map(|()| format!("user {name} added"))
+                }
+                Command::UserList => users.list().await.map(|list| {
+                    for user in &list {
+                        let state = if user.disabled { "disabled" } else { "enabled" };
+                        println!("{}\t{state}\t{}", user.username, user.created_at);
+                    }
+                    format!("{} user(s)", list.len())
+                }),
+                Command::UserDisable(name) => {
+                    users.set_disabled(&name, true).await.map(|()| format!("user {name} disabled"))
+                }
+                Command::UserEnable(name) => {
+                    users.set_disabled(&name, false).await.map(|()| format!("user {name} enabled"))
+                }
+                Command::UserPasswd(name) => {
+                    let password = read_password(&format!("new password for {name}: "))?;
+                    users.set_password(&name, &password).await.map(|()| format!("password of {name} changed"))
+                }
+                _ => unreachable!("handled above"),
+            };
+            stores.close().await;
+            let message = result.map_err(|e| e.to_string())?;
+            eprintln!("{message}");
+            Ok(())
+        }
+    }
+}
+
+async fn open() -> Result<Stores, String> {
+    let db = DbSettings::from_env().map_err(|e| e.to_string())?;
+    if db.database_url.is_none() {
+        return Err("DISABLE_DB=true: there is no database to work on".into());
+    }
+    Stores::open(&db).await.map_err(|e| e.to_string())
+}
+
+/// A password: prompted for twice without echo on a terminal, else one line of stdin.
+fn read_password(prompt: &str) -> Result<String, String> {
+    let stdin = std::io::stdin();
+    if !stdin.is_terminal() {
+        let mut line = String::new();
+        stdin.lock().read_line(&mut line).map_err(|e| format!("cannot read the password from stdin: {e}"))?;
+        return Ok(line.trim_end_matches(['\r', '\n']).to_owned());
+    }
+    let first = prompt_hidden(prompt)?;
+    let second = prompt_hidden("again: ")?;
+    if first != second {
+        return Err("the two passwords differ".into());
+    }
+    Ok(first)
+}
+
+fn prompt_hidden(prompt: &str) -> Result<String, String> {
+    let mut stderr = std::io::stderr();
+    let _ = write!(stderr, "{prompt}");
+    let _ = stderr.flush();
+    let _echo = EchoOff::new();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line).map_err(|e| format!("cannot read the password: {e}"))?;
+    let _ = writeln!(stderr);
+    Ok(line.trim_end_matches(['\r', '\n']).to_owned())
+}
+
+/// Terminal echo off while it lives (Unix; elsewhere a no-op).
+struct EchoOff {
+    #[cfg(unix)]
+    saved: Option<libc::termios>,
+}
+
+impl EchoOff {
+    #[cfg(unix)]
+    fn new() -> Self {
+        // SAFETY: tcgetattr/tcsetattr on stdin's descriptor with a zeroed, then filled, termios.
+        unsafe {
+            let mut term: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(libc::STDIN_FILENO, &mut term) != 0 {
+                return EchoOff { saved: None };
+            }
+            let saved = term;
+            term.c_lflag &= !libc::ECHO;
+            term.c_lflag |= libc::ECHONL;
+            if libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, &term) != 0 {
+                return EchoOff { saved: None };
+            }
+            EchoOff { saved: Some(saved) }
+        }
+    }
+
+    #[cfg(not(unix))]
+    fn new() -> Self {
+        EchoOff {}
+    }
+}
+
+impl Drop for EchoOff {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        if let Some(saved) = &self.saved {
+            // SAFETY: restores the attributes read in `new`.
+            unsafe {
+                libc::tcsetattr(libc::STDIN_FILENO, libc::TCSANOW, saved);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn p(args: &[&str]) -> Result<Command, String> {
+        parse(args.iter().map(|s| s.to_string()))
+    }
+
+    #[test]
+    fn commands() {
+        assert_eq!(p(&[]), Ok(Command::Serve));
+        assert_eq!(p(&["serve"]), Ok(Command::Serve));
+        assert_eq!(p(&["migrate"]), Ok(Command::Migrate));
+        assert_eq!(p(&["user", "add", "alice"]), Ok(Command::UserAdd("alice".into())));
+        assert_eq!(p(&["user", "list"]), Ok(Command::UserList));
+        assert_eq!(p(&["user", "disable", "bob"]), Ok(Command::UserDisable("bob".into())));
+        assert_eq!(p(&["user", "passwd", "bob"]), Ok(Command::UserPasswd("bob".into())));
+        assert_eq!(p(&["token", "--sub", "dev"]), Ok(Command::Token { sub: "dev".into() }));
+        assert_eq!(p(&["token", "--sub=dev"]), Ok(Command::Token { sub: "dev".into() }));
+        for bad in [&["token"][..], &["token", "--sub"], &["user"], &["user", "add"], &["frobnicate"], &["serve", "x"]]
+        {
+            assert!(p(bad).is_err(), "{bad:?}");
+        }
+    }
+}

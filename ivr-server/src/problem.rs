@@ -1,0 +1,184 @@
+//! RFC 9457 problem details: every error answer is `application/problem+json` with `type`,
+//! `title`, `status` and a `detail` saying what was wrong.
+//!
+//! `type` is a relative URI into the API's docs page (`/docs#problem-<slug>`), where each kind
+//! is described. [`Problem::from`] maps [`ivr_core::Error`] to its status: only a corrupt store
+//! gives a 500.
+
+use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
+use hyper::{Response, StatusCode};
+use serde_json::{json, Map, Value};
+
+use crate::body::{full, Body};
+
+/// The problem kinds this API answers with: slug, title, HTTP status, when.
+pub const KINDS: &[(&str, &str, u16, &str)] = &[
+    ("bad-request", "Bad request", 400, "The request could not be read: malformed JSON, a wrong type, an unknown field, a bad query parameter or header."),
+    ("invalid-phone-number", "Invalid phone number", 400, "A phone number must be an optional '+' and 3 to 15 digits."),
+    ("invalid-call-request", "Invalid call request", 400, "A field of the call request is out of range or not allowed."),
+    ("unauthorized", "Unauthorized", 401, "A bearer token is missing, malformed, expired, or not valid for this API; or the username or password is wrong."),
+    ("not-found", "Not found", 404, "No such route, or no such call."),
+    ("method-not-allowed", "Method not allowed", 405, "The route exists but not with this method; `Allow` lists the methods it has."),
+    ("not-cancelable", "Call already ended", 409, "The call has ended: there is nothing to cancel."),
+    ("conflict", "Conflict", 409, "The request collides with a stored call."),
+    ("payload-too-large", "Payload too large", 413, "The body is larger than the API accepts."),
+    ("unsupported-media-type", "Unsupported media type", 415, "The body's Content-Type is not the one this route reads."),
+    ("internal", "Internal error", 500, "The server found stored data it cannot read. This is logged."),
+    ("ari-failed", "Asterisk failed", 502, "Asterisk refused the request or could not be reached. A call it refused is stored as failed and can be read by its `call_id`."),
+    ("too-many-active-calls", "Too many active calls", 503, "The limit of calls not yet ended is reached; retry after `Retry-After` seconds."),
+    ("store-unavailable", "Store unavailable", 503, "The database could not be reached or did not answer in time."),
+    ("database-required", "Database required", 503, "This feature needs a database, and the server runs with DISABLE_DB=true."),
+    ("not-ready", "Not ready", 503, "The store is not reachable or the ARI event connection is down."),
+];
+
+/// An error answer under construction.
+#[derive(Debug, Clone)]
+pub struct Problem {
+    pub status: StatusCode,
+    pub slug: &'static str,
+    pub title: &'static str,
+    pub detail: String,
+    /// Members beyond the standard ones (e.g. `call_id`).
+    pub extra: Map<String, Value>,
+    headers: Vec<(hyper::header::HeaderName, HeaderValue)>,
+}
+
+impl Problem {
+    /// A problem of a kind listed in [`KINDS`].
+    pub fn new(slug: &'static str, detail: impl Into<String>) -> Self {
+        let (slug, title, status, _) =
+            KINDS.iter().find(|k| k.0 == slug).copied().unwrap_or(("internal", "Internal error", 500, ""));
+        Problem {
+            status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+            slug,
+            title,
+            detail: detail.into(),
+            extra: Map::new(),
+            headers: Vec::new(),
+        }
+    }
+
+    pub fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new("bad-request", detail)
+    }
+
+    pub fn not_found(detail: impl Into<String>) -> Self {
+        Self::new("not-found", detail)
+    }
+
+    /// 401 with `WWW-Authenticate: Bearer` (and the RFC 6750 error code for a bad token).
+    pub fn unauthorized(detail: impl Into<String>, invalid_token: bool) -> Self {
+        let challenge = if invalid_token {
+            HeaderValue::from_static("Bearer realm=\"ivr\", error=\"invalid_token\"")
+        } else {
+            HeaderValue::from_static("Bearer realm=\"ivr\"")
+        };
+        Self::new("unauthorized", detail).header(WWW_AUTHENTICATE, challenge)
+    }
+
+    pub fn method_not_allowed(allow: &[hyper::Method]) -> Self {
+        let list: Vec<&str> = allow.iter().map(|m| m.as_str()).collect();
+        let list = list.join(", ");
+        let value = HeaderValue::from_str(&list).unwrap_or_else(|_| HeaderValue::from_static(""));
+        Self::new("method-not-allowed", format!("this route answers only {list}")).header(ALLOW, value)
+    }
+
+    pub fn with(mut self, key: &str, value: impl Into<Value>) -> Self {
+        self.extra.insert(key.to_owned(), value.into());
+        self
+    }
+
+    pub fn header(mut self, name: hyper::header::HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
+        self
+    }
+
+    pub fn into_response(self) -> Response<Body> {
+        let mut body = json!({
+            "type": format!("/docs#problem-{}", self.slug),
+            "title": self.title,
+            "status": self.status.as_u16(),
+            "detail": self.detail,
+        });
+        if let Value::Object(map) = &mut body {
+            map.extend(self.extra);
+        }
+        let mut response = Response::new(full(body.to_string()));
+        *response.status_mut() = self.status;
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        for (name, value) in self.headers {
+            headers.append(name, value);
+        }
+        response
+    }
+}
+
+impl From<ivr_core::Error> for Problem {
+    fn from(error: ivr_core::Error) -> Self {
+        use ivr_core::Error as E;
+        match error {
+            E::InvalidPhoneNumber(e) => Problem::new("invalid-phone-number", e.to_string()),
+            E::InvalidRequest(detail) => Problem::new("invalid-call-request", detail),
+            E::NotFound(call_id) => Problem::not_found(format!("no call with id {call_id}")),
+            E::NotCancelable { call_id, status } => {
+                Problem::new("not-cancelable", format!("call {call_id} already ended as {status}"))
+                    .with("call_id", call_id.to_string())
+            }
+            E::AlreadyExists { on, existing } => {
+                Problem::new("conflict", format!("a call with this {on} already exists"))
+                    .with("call_id", existing.call_id.to_string())
+            }
+            E::TooManyActiveCalls { limit } => {
+                Problem::new("too-many-active-calls", format!("{limit} calls are active, the most allowed"))
+                    .header(RETRY_AFTER, HeaderValue::from_static("5"))
+            }
+            E::OriginateFailed { call, source } => {
+                Problem::new("ari-failed", format!("Asterisk refused the call: {source}; it is stored as failed"))
+                    .with("call_id", call.call_id.to_string())
+            }
+            E::Ari(source) => Problem::new("ari-failed", format!("Asterisk request failed: {source}")),
+            E::StoreUnavailable(source) => {
+                tracing::warn!(error = %source, "call store unavailable");
+                Problem::new("store-unavailable", "the call store could not be reached; try again shortly")
+            }
+            E::StoreCorrupt(what) => {
+                tracing::error!(error = %what, "call store holds data that cannot be read");
+                Problem::new("internal", "the server could not read stored data; this has been logged")
+            }
+            other => {
+                tracing::error!(error = %other, "unexpected ivr-core error");
+                Problem::new("store-unavailable", "the request could not be completed; try again shortly")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_kind_has_a_distinct_slug_and_a_valid_status() {
+        let mut slugs: Vec<&str> = KINDS.iter().map(|k| k.0).collect();
+        slugs.sort_unstable();
+        slugs.dedup();
+        assert_eq!(slugs.len(), KINDS.len());
+        for (slug, _, status, _) in KINDS {
+            assert_eq!(Problem::new(slug, "x").status.as_u16(), *status);
+        }
+    }
+
+    #[test]
+    fn only_a_corrupt_store_is_a_500() {
+        let p = Problem::from(ivr_core::Error::StoreCorrupt("bad row".into()));
+        assert_eq!(p.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(!p.detail.contains("bad row"));
+        let p = Problem::from(ivr_core::Error::StoreUnavailable("down".into()));
+        assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE);
+        let p = Problem::from(ivr_core::Error::TooManyActiveCalls { limit: 3 });
+        assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE);
+        let response = p.into_response();
+        assert!(response.headers().contains_key(RETRY_AFTER));
+    }
+}

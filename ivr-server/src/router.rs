@@ -1,0 +1,200 @@
+//! The one router: a `match` on (method, path segments).
+//!
+//! | method | path | auth | what |
+//! |---|---|---|---|
+//! | GET | `/healthz` | – | the process is up |
+//! | GET | `/readyz` | – | the store answers and the ARI event WebSocket is connected (else 503) |
+//! | GET | `/metrics` | – | Prometheus metrics; 404 unless METRICS_ENABLED=true |
+//! | GET | `/docs` | – | an HTML page listing the API; 404 when DOCS_ENABLED=false |
+//! | GET | `/openapi.json` | – | the OpenAPI 3.1 document; 404 when DOCS_ENABLED=false |
+//! | POST | `/api/v1/token` | – | OAuth2 password grant (form): `{access_token, token_type, expires_in}` |
+//! | POST | `/api/v1/interaction/{number}` | Bearer | place a call to `number`; optional JSON body of options |
+//! | POST | `/api/v1/calls` | Bearer | place a call; JSON body with `phone_number`; 201 + `Location` |
+//! | GET | `/api/v1/calls` | Bearer | list calls: `status`, `from`, `to`, `phone_number`, `limit`, `cursor` |
+//! | GET | `/api/v1/calls/{call_id}` | Bearer | one call |
+//! | DELETE | `/api/v1/calls/{call_id}` | Bearer | cancel (hang up) a call; 202 |
+//! | GET | `/api/v1/calls/{call_id}/events` | Bearer | Server-Sent Events: the call's state, then each change, until it ends |
+//! | GET | `/api/v1/status/{call_id}` | Bearer | one call (same as `/api/v1/calls/{call_id}`) |
+//!
+//! An unknown path is 404; a known path with another method is 405 with `Allow`. [`ROUTES`] is
+//! this table as data (the OpenAPI document is checked against it).
+
+use hyper::Method;
+
+/// Every (method, path template) the router answers.
+pub const ROUTES: &[(Method, &str)] = &[
+    (Method::GET, "/healthz"),
+    (Method::GET, "/readyz"),
+    (Method::GET, "/metrics"),
+    (Method::GET, "/docs"),
+    (Method::GET, "/openapi.json"),
+    (Method::POST, "/api/v1/token"),
+    (Method::POST, "/api/v1/interaction/{number}"),
+    (Method::POST, "/api/v1/calls"),
+    (Method::GET, "/api/v1/calls"),
+    (Method::GET, "/api/v1/calls/{call_id}"),
+    (Method::DELETE, "/api/v1/calls/{call_id}"),
+    (Method::GET, "/api/v1/calls/{call_id}/events"),
+    (Method::GET, "/api/v1/status/{call_id}"),
+];
+
+/// The methods any route uses, for `Allow`.
+const METHODS: [Method; 3] = [Method::GET, Method::POST, Method::DELETE];
+
+/// A matched route with its path parameters (still text: handlers parse and report them).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    Healthz,
+    Readyz,
+    Metrics,
+    Docs,
+    OpenApi,
+    Token,
+    Interaction { number: String },
+    CreateCall,
+    ListCalls,
+    GetCall { call_id: String },
+    CancelCall { call_id: String },
+    CallEvents { call_id: String },
+    Status { call_id: String },
+}
+
+impl Route {
+    /// The path template, for metrics and logs.
+    pub fn template(&self) -> &'static str {
+        match self {
+            Route::Healthz => "/healthz",
+            Route::Readyz => "/readyz",
+            Route::Metrics => "/metrics",
+            Route::Docs => "/docs",
+            Route::OpenApi => "/openapi.json",
+            Route::Token => "/api/v1/token",
+            Route::Interaction { .. } => "/api/v1/interaction/{number}",
+            Route::CreateCall | Route::ListCalls => "/api/v1/calls",
+            Route::GetCall { .. } | Route::CancelCall { .. } => "/api/v1/calls/{call_id}",
+            Route::CallEvents { .. } => "/api/v1/calls/{call_id}/events",
+            Route::Status { .. } => "/api/v1/status/{call_id}",
+        }
+    }
+
+    /// Whether the route needs a bearer token.
+    pub fn needs_auth(&self) -> bool {
+        self.template().starts_with("/api/v1/") && *self != Route::Token
+    }
+}
+
+/// Why no route matched.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Miss {
+    NotFound,
+    /// The path exists with these methods.
+    MethodNotAllowed(Vec<Method>),
+}
+
+/// Matches a request line to a route.
+pub fn route(method: &Method, path: &str) -> Result<Route, Miss> {
+    let Some(segments) = segments(path) else { return Err(Miss::NotFound) };
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    match_route(method, &segments).ok_or_else(|| {
+        let allowed: Vec<Method> = METHODS.iter().filter(|m| match_route(m, &segments).is_some()).cloned().collect();
+        if allowed.is_empty() {
+            Miss::NotFound
+        } else {
+            Miss::MethodNotAllowed(allowed)
+        }
+    })
+}
+
+fn match_route(method: &Method, segments: &[&str]) -> Option<Route> {
+    let id = |s: &str| s.to_owned();
+    Some(match (method.clone(), segments) {
+        (Method::GET, ["healthz"]) => Route::Healthz,
+        (Method::GET, ["readyz"]) => Route::Readyz,
+        (Method::GET, ["metrics"]) => Route::Metrics,
+        (Method::GET, ["docs"]) => Route::Docs,
+        (Method::GET, ["openapi.json"]) => Route::OpenApi,
+        (Method::POST, ["api", "v1", "token"]) => Route::Token,
+        (Method::POST, ["api", "v1", "interaction", number]) => Route::Interaction { number: id(number) },
+        (Method::POST, ["api", "v1", "calls"]) => Route::CreateCall,
+        (Method::GET, ["api", "v1", "calls"]) => Route::ListCalls,
+        (Method::GET, ["api", "v1", "calls", call_id]) => Route::GetCall { call_id: id(call_id) },
+        (Method::DELETE, ["api", "v1", "calls", call_id]) => Route::CancelCall { call_id: id(call_id) },
+        (Method::GET, ["api", "v1", "calls", call_id, "events"]) => Route::CallEvents { call_id: id(call_id) },
+        (Method::GET, ["api", "v1", "status", call_id]) => Route::Status { call_id: id(call_id) },
+        _ => return None,
+    })
+}
+
+/// The path's percent-decoded segments; `None` (no route) for a path that does not start with
+/// `/`, has an empty segment (`/healthz/`, `/api//v1`) or does not decode to UTF-8.
+fn segments(path: &str) -> Option<Vec<String>> {
+    let rest = path.strip_prefix('/')?;
+    rest.split('/').map(|s| percent_decode(s).filter(|s| !s.is_empty())).collect()
+}
+
+fn percent_decode(segment: &str) -> Option<String> {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = segment.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A concrete path for a template.
+    pub fn sample(template: &str) -> String {
+        template.replace("{number}", "+15550000001").replace("{call_id}", "7d8e0f4c-61a6-4a51-9f4e-2b1ac3e0c9d1")
+    }
+
+    #[test]
+    fn every_listed_route_matches_with_its_own_template() {
+        for (method, template) in ROUTES {
+            let route = route(method, &sample(template)).unwrap_or_else(|e| panic!("{method} {template}: {e:?}"));
+            assert_eq!(route.template(), *template);
+        }
+    }
+
+    #[test]
+    fn misses() {
+        assert_eq!(route(&Method::GET, "/nope"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::GET, "/healthz/"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::GET, "/api/v1/calls/x/y"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::GET, "/api/v1/calls/"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::GET, "/api//v1/calls"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::PUT, "/api/v1/calls"), Err(Miss::MethodNotAllowed(vec![Method::GET, Method::POST])));
+        assert_eq!(
+            route(&Method::POST, "/api/v1/calls/abc"),
+            Err(Miss::MethodNotAllowed(vec![Method::GET, Method::DELETE]))
+        );
+        assert_eq!(route(&Method::GET, "/api/v1/token"), Err(Miss::MethodNotAllowed(vec![Method::POST])));
+    }
+
+    #[test]
+    fn segments_are_percent_decoded() {
+        assert_eq!(
+            route(&Method::POST, "/api/v1/interaction/%2B15550000001"),
+            Ok(Route::Interaction { number: "+15550000001".into() })
+        );
+        assert_eq!(route(&Method::POST, "/api/v1/interaction/%zz"), Err(Miss::NotFound));
+    }
+
+    #[test]
+    fn auth_is_needed_for_the_api_but_the_token_route() {
+        assert!(!Route::Token.needs_auth());
+        assert!(!Route::Healthz.needs_auth());
+        assert!(Route::ListCalls.needs_auth());
+        assert!(Route::Interaction { number: "1".into() }.needs_auth());
+    }
+}

@@ -1,0 +1,353 @@
+//! Settings from environment variables.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `DATABASE_URL` | `sqlite://ivr.db` (a SQLite file in the working directory, created when missing) | `sqlite:<path>` or `postgres://…`; calls and users live here |
+//! | `DISABLE_DB` | `false` | keep calls in memory; no users, so `/api/v1/token` answers 503 (mint tokens with `ivr-server token --sub NAME`) |
+//! | `ARI_HTTP_URL` | `http://127.0.0.1:8088/ari` | ARI's base URL including `/ari`; the WebSocket URL is derived from it |
+//! | `ARI_USERNAME`, `ARI_PASSWORD` | `ivr`, *(required)* | ARI credentials |
+//! | `ARI_APP` | `ivr` | the Stasis application |
+//! | `ARI_ENDPOINT_TEMPLATE` | `PJSIP/{number}@trunk` | the dial string; `{number}` is the validated number |
+//! | `DEFAULT_CONTEXT`, `DEFAULT_EXTENSION`, `DEFAULT_PRIORITY` | `ivr-menu`, `s`, `1` | where an answered call continues |
+//! | `DEFAULT_TIMEOUT` | `30` | seconds of ringing before giving up |
+//! | `DEFAULT_CALLER_ID` | *(none)* | caller id of originated calls |
+//! | `MAX_ACTIVE_CALLS` | `100` | calls not yet ended, at most |
+//! | `SECRET_KEY` | *(required, at least 32 bytes)* | the HS256 key for access tokens |
+//! | `JWT_ISSUER`, `JWT_AUDIENCE` | *(none)* | put into tokens and checked when set |
+//! | `ACCESS_TOKEN_EXPIRE_MINUTES` | `30` | token lifetime |
+//! | `BCRYPT_COST` | `12` | cost of new password hashes (4–31) |
+//! | `LISTEN_ADDR` | `127.0.0.1:8000` | where the API listens |
+//! | `METRICS_ENABLED` | `false` | serve `/metrics` |
+//! | `DOCS_ENABLED` | `true` | serve `/docs` and `/openapi.json` |
+//! | `LOG_FORMAT` | `text` | `text` or `json`; the level comes from `RUST_LOG` (default `info`) |
+//! | `SHUTDOWN_GRACE_SECONDS` | `10` | on SIGTERM/SIGINT, how long in-flight requests may take to finish |
+//! | `CALL_DRAIN_SECONDS` | `30` | then, how long live calls are still followed before the process exits |
+//!
+//! A missing or bad variable is one [`SettingsError`] line naming it; values of secrets are never
+//! part of an error or of `Debug` output.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ivr_core::ari::AriConfig;
+use ivr_core::ManagerSettings;
+
+/// The embedded default database: a SQLite file in the working directory.
+pub const DEFAULT_DATABASE_URL: &str = "sqlite://ivr.db";
+/// The shortest SECRET_KEY accepted (HS256 wants a key at least as long as its 32-byte hash).
+pub const MIN_SECRET_BYTES: usize = 32;
+
+/// A setting that stops the start: which variable, and what is wrong with it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SettingsError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+impl fmt::Display for SettingsError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "setting {}: {}", self.variable, self.problem)
+    }
+}
+
+impl std::error::Error for SettingsError {}
+
+/// A value that must never be printed. `Debug` and `Display` show `<redacted>`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// Where settings come from: the process environment, or a map in tests.
+pub trait Source {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The process environment.
+pub struct Env;
+
+impl Source for Env {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Source for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+/// How to sign and check access tokens.
+#[derive(Clone, Debug)]
+pub struct AuthSettings {
+    pub secret_key: Secret,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub token_ttl: Duration,
+}
+
+/// Where calls and users are kept.
+#[derive(Clone, Debug)]
+pub struct DbSettings {
+    /// `None` with DISABLE_DB=true.
+    pub database_url: Option<Secret>,
+    pub bcrypt_cost: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Everything `ivr-server serve` needs.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub db: DbSettings,
+    pub auth: AuthSettings,
+    pub ari: AriConfig,
+    pub manager: ManagerSettings,
+    pub listen_addr: SocketAddr,
+    pub metrics_enabled: bool,
+    pub docs_enabled: bool,
+    pub log_format: LogFormat,
+    pub shutdown_grace: Duration,
+    pub call_drain: Duration,
+}
+
+impl Settings {
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::load(&Env)
+    }
+
+    pub fn load(source: &impl Source) -> Result<Self, SettingsError> {
+        let r = Reader(source);
+        let db = DbSettings::load(source)?;
+        let auth = AuthSettings::load(source)?;
+        let defaults = ManagerSettings::default();
+        let ari_url = r.string("ARI_HTTP_URL")?.unwrap_or_else(|| "http://127.0.0.1:8088/ari".into());
+        if !(ari_url.starts_with("http://") || ari_url.starts_with("https://")) {
+            return Err(r.error("ARI_HTTP_URL", "must be an http:// or https:// URL ending in /ari"));
+        }
+        if ari_url.split("://").nth(1).is_some_and(|rest| rest.split('/').next().unwrap_or("").contains('@')) {
+            return Err(r.error("ARI_HTTP_URL", "must not hold credentials; use ARI_USERNAME and ARI_PASSWORD"));
+        }
+        let ari_password = r.string("ARI_PASSWORD")?.ok_or_else(|| r.error("ARI_PASSWORD", "is required"))?;
+        let ari = AriConfig::new(
+            ari_url,
+            r.string("ARI_USERNAME")?.unwrap_or_else(|| "ivr".into()),
+            ari_password,
+            r.string("ARI_APP")?.unwrap_or_else(|| "ivr".into()),
+        );
+        let endpoint_template = r.string("ARI_ENDPOINT_TEMPLATE")?.unwrap_or(defaults.endpoint_template.clone());
+        if !endpoint_template.contains("{number}") {
+            return Err(r.error("ARI_ENDPOINT_TEMPLATE", "must contain {number}"));
+        }
+        let manager = ManagerSettings {
+            endpoint_template,
+            default_context: r.string("DEFAULT_CONTEXT")?.unwrap_or(defaults.default_context.clone()),
+            default_extension: r.string("DEFAULT_EXTENSION")?.unwrap_or(defaults.default_extension.clone()),
+            default_priority: r.number("DEFAULT_PRIORITY", 1, 1_000_000)?.unwrap_or(defaults.default_priority),
+            default_timeout_secs: r.number("DEFAULT_TIMEOUT", 1, 3600)?.unwrap_or(defaults.default_timeout_secs),
+            default_caller_id: r.string("DEFAULT_CALLER_ID")?.or(defaults.default_caller_id.clone()),
+            max_active_calls: r
+                .number("MAX_ACTIVE_CALLS", 1, 1_000_000)?
+                .map_or(defaults.max_active_calls, |n| n as usize),
+            ..defaults
+        };
+        let listen = r.string("LISTEN_ADDR")?.unwrap_or_else(|| "127.0.0.1:8000".into());
+        let listen_addr = listen
+            .parse()
+            .map_err(|_| r.error("LISTEN_ADDR", "must be an IP address and port, e.g. 127.0.0.1:8000"))?;
+        let log_format = match r.string("LOG_FORMAT")?.as_deref() {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(_) => return Err(r.error("LOG_FORMAT", "must be text or json")),
+        };
+        Ok(Settings {
+            db,
+            auth,
+            ari,
+            manager,
+            listen_addr,
+            metrics_enabled: r.flag("METRICS_ENABLED")?.unwrap_or(false),
+            docs_enabled: r.flag("DOCS_ENABLED")?.unwrap_or(true),
+            log_format,
+            shutdown_grace: Duration::from_secs(r.number("SHUTDOWN_GRACE_SECONDS", 0, 3600)?.unwrap_or(10).into()),
+            call_drain: Duration::from_secs(r.number("CALL_DRAIN_SECONDS", 0, 86_400)?.unwrap_or(30).into()),
+        })
+    }
+}
+
+impl AuthSettings {
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::load(&Env)
+    }
+
+    pub fn load(source: &impl Source) -> Result<Self, SettingsError> {
+        let r = Reader(source);
+        let secret = r.string("SECRET_KEY")?.ok_or_else(|| r.error("SECRET_KEY", "is required"))?;
+        if secret.len() < MIN_SECRET_BYTES {
+            return Err(r.error(
+                "SECRET_KEY",
+                &format!("is too short: at least {MIN_SECRET_BYTES} bytes are needed (e.g. `openssl rand -hex 32`)"),
+            ));
+        }
+        let minutes = r.number("ACCESS_TOKEN_EXPIRE_MINUTES", 1, 525_600)?.unwrap_or(30);
+        Ok(AuthSettings {
+            secret_key: Secret::new(secret),
+            issuer: r.string("JWT_ISSUER")?,
+            audience: r.string("JWT_AUDIENCE")?,
+            token_ttl: Duration::from_secs(u64::from(minutes) * 60),
+        })
+    }
+}
+
+impl DbSettings {
+    pub fn from_env() -> Result<Self, SettingsError> {
+        Self::load(&Env)
+    }
+
+    pub fn load(source: &impl Source) -> Result<Self, SettingsError> {
+        let r = Reader(source);
+        let disabled = r.flag("DISABLE_DB")?.unwrap_or(false);
+        let url = r.string("DATABASE_URL")?.unwrap_or_else(|| DEFAULT_DATABASE_URL.into());
+        let known = ["sqlite:", "postgres://", "postgresql://"];
+        if !known.iter().any(|p| url.starts_with(p)) {
+            // The value may hold a password: it is not repeated.
+            return Err(r.error("DATABASE_URL", "must start with sqlite: or postgres://"));
+        }
+        Ok(DbSettings {
+            database_url: (!disabled).then(|| Secret::new(url)),
+            bcrypt_cost: r.number("BCRYPT_COST", 4, 31)?.unwrap_or(12),
+        })
+    }
+}
+
+struct Reader<'a, S>(&'a S);
+
+impl<S: Source> Reader<'_, S> {
+    fn error(&self, variable: &'static str, problem: &str) -> SettingsError {
+        SettingsError { variable, problem: problem.to_owned() }
+    }
+
+    /// The value, `None` when unset or empty.
+    fn string(&self, name: &'static str) -> Result<Option<String>, SettingsError> {
+        Ok(self.0.var(name).map(|v| v.trim().to_owned()).filter(|v| !v.is_empty()))
+    }
+
+    fn flag(&self, name: &'static str) -> Result<Option<bool>, SettingsError> {
+        match self.string(name)?.map(|v| v.to_ascii_lowercase()).as_deref() {
+            None => Ok(None),
+            Some("true" | "1" | "yes" | "on") => Ok(Some(true)),
+            Some("false" | "0" | "no" | "off") => Ok(Some(false)),
+            Some(_) => Err(self.error(name, "must be true or false")),
+        }
+    }
+
+    fn number(&self, name: &'static str, min: u32, max: u32) -> Result<Option<u32>, SettingsError> {
+        let Some(value) = self.string(name)? else { return Ok(None) };
+        match value.parse::<u32>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(self.error(name, &format!("must be a whole number from {min} to {max}"))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, SettingsError> {
+        let map: HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        Settings::load(&move |name: &str| map.get(name).cloned())
+    }
+
+    const KEY: &str = "0123456789abcdef0123456789abcdef-key";
+
+    #[test]
+    fn defaults() {
+        let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")]).unwrap();
+        assert_eq!(s.db.database_url.as_ref().unwrap().expose(), DEFAULT_DATABASE_URL);
+        assert_eq!(s.listen_addr.to_string(), "127.0.0.1:8000");
+        assert_eq!(s.auth.token_ttl, Duration::from_secs(30 * 60));
+        assert_eq!(s.manager.endpoint_template, "PJSIP/{number}@trunk");
+        assert!(!s.metrics_enabled && s.docs_enabled);
+        assert_eq!(s.db.bcrypt_cost, 12);
+        assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn errors_name_the_variable_and_never_the_secret() {
+        let short = "short-secret-value";
+        let e = load(&[("SECRET_KEY", short), ("ARI_PASSWORD", "pw")]).unwrap_err();
+        assert_eq!(e.variable, "SECRET_KEY");
+        assert!(!e.to_string().contains(short));
+        assert_eq!(load(&[("ARI_PASSWORD", "pw")]).unwrap_err().variable, "SECRET_KEY");
+        assert_eq!(load(&[("SECRET_KEY", KEY)]).unwrap_err().variable, "ARI_PASSWORD");
+        let url = "mysql://root:hunter2@db/ivr";
+        let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("DATABASE_URL", url)]).unwrap_err();
+        assert_eq!(e.variable, "DATABASE_URL");
+        assert!(!e.to_string().contains("hunter2"));
+        for (var, bad) in [
+            ("DISABLE_DB", "maybe"),
+            ("DEFAULT_PRIORITY", "-1"),
+            ("DEFAULT_TIMEOUT", "0"),
+            ("MAX_ACTIVE_CALLS", "lots"),
+            ("ACCESS_TOKEN_EXPIRE_MINUTES", "0"),
+            ("LISTEN_ADDR", "localhost"),
+            ("LOG_FORMAT", "xml"),
+            ("ARI_ENDPOINT_TEMPLATE", "PJSIP/trunk"),
+            ("ARI_HTTP_URL", "http://ivr:pw@127.0.0.1:8088/ari"),
+            ("BCRYPT_COST", "3"),
+            ("METRICS_ENABLED", "2"),
+        ] {
+            let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), (var, bad)]).unwrap_err();
+            assert_eq!(e.variable, var, "{e}");
+            assert!(e.to_string().starts_with(&format!("setting {var}: ")), "{e}");
+        }
+    }
+
+    #[test]
+    fn debug_output_hides_secrets() {
+        let s = load(&[
+            ("SECRET_KEY", KEY),
+            ("ARI_PASSWORD", "ari-pass-9"),
+            ("DATABASE_URL", "postgres://u:db-pass-7@h/db"),
+        ])
+        .unwrap();
+        let shown = format!("{s:?}");
+        for secret in [KEY, "ari-pass-9", "db-pass-7"] {
+            assert!(!shown.contains(secret), "{shown}");
+        }
+    }
+
+    #[test]
+    fn disable_db_drops_the_url() {
+        let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("DISABLE_DB", "true")]).unwrap();
+        assert!(s.db.database_url.is_none());
+    }
+}
