@@ -148,8 +148,8 @@ impl Settings {
         let auth = AuthSettings::load(source)?;
         let defaults = ManagerSettings::default();
         let ari_url = r.string("ARI_HTTP_URL")?.unwrap_or_else(|| "http://127.0.0.1:8088/ari".into());
-        if !(ari_url.starts_with("http://") || ari_url.starts_with("https://")) {
-            return Err(r.error("ARI_HTTP_URL", "must be an http:// or https:// URL ending in /ari"));
+        if !ari_url.starts_with("http://") {
+            return Err(r.error("ARI_HTTP_URL", "must be an http:// URL ending in /ari (ARI is reached over http)"));
         }
         if ari_url.split("://").nth(1).is_some_and(|rest| rest.split('/').next().unwrap_or("").contains('@')) {
             return Err(r.error("ARI_HTTP_URL", "must not hold credentials; use ARI_USERNAME and ARI_PASSWORD"));

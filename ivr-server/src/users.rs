@@ -7,13 +7,10 @@
 //! password: it verifies against a fixed dummy hash of the same cost, so the answer's timing
 //! does not tell which usernames exist.
 
-use std::borrow::Cow;
 use std::time::Duration;
 
-use futures_util::future::BoxFuture;
-use ivr_core::store::SqlCallStore;
+use ivr_core::store::{EmbeddedMigrations, SqlCallStore};
 use sqlx::any::AnyRow;
-use sqlx::migrate::{Migration, MigrationSource, MigrationType, Migrator};
 use sqlx::{AnyPool, Row};
 
 /// ivr-server's migrations: version, description, SQL. Versions start at 1000 so they never
@@ -100,9 +97,7 @@ impl UserStore {
 
     /// Creates the users table if it is not there yet.
     pub async fn migrate(&self) -> Result<(), UserError> {
-        let mut migrator = Migrator::new(EmbeddedMigrations).await.map_err(unavailable)?;
-        migrator.set_ignore_missing(true);
-        migrator.run(&self.pool).await.map_err(unavailable)
+        EmbeddedMigrations(MIGRATIONS).run(&self.pool).await.map_err(unavailable)
     }
 
     pub async fn add(&self, username: &str, password: &str) -> Result<(), UserError> {
@@ -258,29 +253,6 @@ fn decode_user(row: &AnyRow) -> Result<User, UserError> {
         created_at: time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(created) * 1_000)
             .map_err(unavailable)?,
     })
-}
-
-/// The migrations compiled into the binary, as a sqlx migration source.
-#[derive(Debug)]
-struct EmbeddedMigrations;
-
-impl MigrationSource<'static> for EmbeddedMigrations {
-    fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        Box::pin(async {
-            Ok(MIGRATIONS
-                .iter()
-                .map(|(version, description, sql)| {
-                    Migration::new(
-                        *version,
-                        Cow::Borrowed(*description),
-                        MigrationType::Simple,
-                        Cow::Borrowed(*sql),
-                        false,
-                    )
-                })
-                .collect())
-        })
-    }
 }
 
 #[cfg(test)]

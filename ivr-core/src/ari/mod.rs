@@ -71,19 +71,20 @@ impl AriConfig {
         let url = reqwest::Url::parse(&self.http_url)
             .map_err(|e| AriError::Config(format!("the ARI URL does not parse: {e}")))?;
         match url.scheme() {
-            "http" | "https" if url.username().is_empty() && url.password().is_none() => Ok(url),
-            "http" | "https" => Err(AriError::Config(
+            "http" if url.username().is_empty() && url.password().is_none() => Ok(url),
+            "http" => Err(AriError::Config(
                 "put ARI credentials in the username and password settings, not in the URL".into(),
             )),
-            other => Err(AriError::Config(format!("ARI URL scheme must be http or https, not {other:?}"))),
+            // ivr runs beside Asterisk on a private network; TLS is left out of the build.
+            "https" => Err(AriError::Config("https is not supported: reach ARI over http on a private network".into())),
+            other => Err(AriError::Config(format!("the ARI URL scheme must be http, not {other:?}"))),
         }
     }
 
-    /// `ws(s)://host:port/ari/events?app=<app>`.
+    /// `ws://host:port/ari/events?app=<app>`.
     pub fn events_url(&self) -> Result<reqwest::Url, AriError> {
         let mut url = self.base_url()?;
-        let scheme = if url.scheme() == "https" { "wss" } else { "ws" };
-        url.set_scheme(scheme).map_err(|()| AriError::Config("cannot derive the WebSocket URL".into()))?;
+        url.set_scheme("ws").map_err(|()| AriError::Config("cannot derive the WebSocket URL".into()))?;
         url.path_segments_mut()
             .map_err(|()| AriError::Config("base URL cannot hold a path".into()))?
             .pop_if_empty()
@@ -114,8 +115,10 @@ mod tests {
     fn events_url_is_derived_from_the_http_url() {
         let config = AriConfig::new("http://127.0.0.1:8088/ari", "ivr", "ivr-secret", "ivr app");
         assert_eq!(config.events_url().unwrap().as_str(), "ws://127.0.0.1:8088/ari/events?app=ivr+app");
-        let config = AriConfig::new("https://pbx.example:8089/ari/", "ivr", "s", "ivr");
-        assert_eq!(config.events_url().unwrap().as_str(), "wss://pbx.example:8089/ari/events?app=ivr");
+        let config = AriConfig::new("http://pbx.example:8088/ari/", "ivr", "s", "ivr");
+        assert_eq!(config.events_url().unwrap().as_str(), "ws://pbx.example:8088/ari/events?app=ivr");
+        let https = AriConfig::new("https://pbx.example:8089/ari", "ivr", "s", "ivr").events_url().unwrap_err();
+        assert!(https.to_string().contains("https is not supported"), "{https}");
     }
 
     #[test]

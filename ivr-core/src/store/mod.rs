@@ -22,7 +22,7 @@ mod sql;
 pub mod conformance;
 
 pub use memory::MemoryCallStore;
-pub use sql::SqlCallStore;
+pub use sql::{EmbeddedMigrations, SqlCallStore};
 
 /// Persistence for calls. Held as `Arc<dyn CallStore>` by the call manager and the server.
 ///

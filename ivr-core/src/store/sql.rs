@@ -87,10 +87,7 @@ impl SqlCallStore {
 
     /// Applies the embedded migrations that have not run yet.
     pub async fn migrate(&self) -> Result<()> {
-        let mut migrator = Migrator::new(EmbeddedMigrations).await.map_err(unavailable)?;
-        // Other components (ivr-server's users) keep their migrations in the same table.
-        migrator.set_ignore_missing(true);
-        migrator.run(&self.pool).await.map_err(unavailable)
+        EmbeddedMigrations(MIGRATIONS).run(&self.pool).await
     }
 
     /// The pool, for components that keep their own tables in the same database.
@@ -531,14 +528,27 @@ fn engine_url(url: &str) -> Result<(Engine, String)> {
     Err(Error::StoreUnavailable("unsupported database URL: expected sqlite:<path> or postgres://…".into()))
 }
 
-/// The migrations compiled into the crate, as a sqlx migration source.
-#[derive(Debug)]
-struct EmbeddedMigrations;
+/// Migrations compiled into a binary — `(version, description, sql)` — as a sqlx migration
+/// source. Components that keep their own tables in the calls' database (ivr-server's users)
+/// use it too, with versions of their own; every migrator here ignores versions it does not
+/// know, so they share `_sqlx_migrations`.
+#[derive(Clone, Copy, Debug)]
+pub struct EmbeddedMigrations(pub &'static [(i64, &'static str, &'static str)]);
+
+impl EmbeddedMigrations {
+    /// Applies those of the migrations that have not run yet on `pool`.
+    pub async fn run(self, pool: &AnyPool) -> Result<()> {
+        let mut migrator = Migrator::new(self).await.map_err(unavailable)?;
+        migrator.set_ignore_missing(true);
+        migrator.run(pool).await.map_err(unavailable)
+    }
+}
 
 impl MigrationSource<'static> for EmbeddedMigrations {
     fn resolve(self) -> BoxFuture<'static, Result<Vec<Migration>, sqlx::error::BoxDynError>> {
-        Box::pin(async {
-            Ok(MIGRATIONS
+        Box::pin(async move {
+            Ok(self
+                .0
                 .iter()
                 .map(|(version, description, sql)| {
                     Migration::new(

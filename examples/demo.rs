@@ -1,7 +1,7 @@
 //! A complete local demo on a fresh machine: no Asterisk, no database server.
 //!
 //! ```sh
-//! cargo run -p ivr-server --example demo
+//! cargo run --example demo
 //! ```
 //!
 //! Starts the built-in fake Asterisk, then the API on the embedded SQLite default
