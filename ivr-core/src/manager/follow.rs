@@ -216,12 +216,14 @@ impl Tracker {
     fn end(&self, own: Hangup, channel: &str) -> Transition {
         let reason = self.unanswered_reason(i32::from(own.code));
         let mut cause = format!("ChannelDestroyed {} {}", own.code, own.text);
+        let hangup = self.recorded_hangup(own.clone());
+        if hangup != own {
+            cause = format!("{cause} (callee half: {} {})", hangup.code, hangup.text);
+        }
         if let Some(note) = &self.note {
             cause = format!("{cause}; {note}");
         }
-        self.step(Step::Ended { reason_if_unanswered: reason }, cause)
-            .channel(channel)
-            .hangup(self.recorded_hangup(own))
+        self.step(Step::Ended { reason_if_unanswered: reason }, cause).channel(channel).hangup(hangup)
     }
 
     /// Why an unanswered call ended, from everything its events said.
