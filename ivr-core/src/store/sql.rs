@@ -67,7 +67,11 @@ impl SqlCallStore {
     pub async fn connect_without_migrating(url: &str) -> Result<Self> {
         sqlx::any::install_default_drivers();
         let (engine, url) = engine_url(url)?;
-        let options = AnyPoolOptions::new().acquire_timeout(Duration::from_secs(5));
+        let options = AnyPoolOptions::new()
+            .acquire_timeout(Duration::from_secs(5))
+            // A ping before every checkout doubles the round trips of a read; a broken
+            // connection fails its query instead and is replaced.
+            .test_before_acquire(false);
         let options = match engine {
             // One writer at a time is SQLite's nature; a few readers beside it is plenty.
             Engine::Sqlite => options.max_connections(8).after_connect(|conn, _| {
@@ -100,23 +104,19 @@ impl SqlCallStore {
     }
 
     async fn load(&self, conn: &mut AnyConnection, call_id: CallId) -> Result<Option<Call>> {
-        let row = sqlx::query(SELECT_CALL_BY_ID)
+        let rows = sqlx::query(SELECT_CALL_WITH_HISTORY)
             .bind(call_id.to_string())
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(unavailable)?;
-        let Some(row) = row else { return Ok(None) };
-        let version: i64 = row.try_get("version").map_err(corrupt)?;
-        let history = sqlx::query(SELECT_HISTORY_OF_ONE)
-            .bind(call_id.to_string())
-            .bind(version)
             .fetch_all(&mut *conn)
             .await
-            .map_err(unavailable)?
-            .iter()
-            .map(decode_transition)
-            .collect::<Result<Vec<_>>>()?;
-        decode_call(&row, history).map(Some)
+            .map_err(unavailable)?;
+        let Some(first) = rows.first() else { return Ok(None) };
+        let mut history = Vec::with_capacity(rows.len());
+        for row in &rows {
+            if row.try_get::<Option<i64>, _>("t_seq").map_err(corrupt)?.is_some() {
+                history.push(decode_transition(row)?);
+            }
+        }
+        decode_call(first, history).map(Some)
     }
 
     /// Decodes call rows and attaches their histories, read in a few batched queries.
@@ -132,8 +132,7 @@ impl SqlCallStore {
         for chunk in versions.chunks(IN_CHUNK) {
             let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
             let sql = format!(
-                "SELECT call_id, seq, status, at, attempt, failure_reason, cause FROM call_transitions \
-                 WHERE call_id IN ({}) ORDER BY call_id, seq",
+                "SELECT call_id, {TRANSITION_COLUMNS} FROM call_transitions WHERE call_id IN ({}) ORDER BY call_id, seq",
                 placeholders.join(", ")
             );
             let mut query = sqlx::query(&sql);
@@ -355,7 +354,6 @@ macro_rules! call_columns {
 }
 
 const SELECT_CALLS: &str = concat!("SELECT ", call_columns!(), " FROM calls");
-const SELECT_CALL_BY_ID: &str = concat!("SELECT ", call_columns!(), " FROM calls WHERE call_id = $1");
 
 const INSERT_CALL: &str = concat!(
     "INSERT INTO calls (",
@@ -368,8 +366,18 @@ const UPDATE_STATE: &str = "UPDATE calls SET status = $1, channel = $2, dialed_a
      answered_at = $5, ended_at = $6, failure_reason = $7, hangup_cause = $8, hangup_text = $9, \
      attempt_number = $10, version = $11 WHERE call_id = $12 AND version = $13";
 
-const SELECT_HISTORY_OF_ONE: &str = "SELECT seq, status, at, attempt, failure_reason, cause FROM call_transitions \
-     WHERE call_id = $1 AND seq < $2 ORDER BY seq";
+/// A transition's columns under the names [`decode_transition`] reads, which keep clear of
+/// the `calls` columns in a join.
+const TRANSITION_COLUMNS: &str = "seq AS t_seq, status AS t_status, at AS t_at, attempt AS t_attempt, \
+     failure_reason AS t_failure_reason, cause AS t_cause";
+
+/// A call and its history in one round trip: the call's columns repeat on each of its few
+/// transition rows, which costs less than a second query. Rows past `version` belong to a
+/// write not yet committed when the call row was read, and are left out.
+const SELECT_CALL_WITH_HISTORY: &str = "SELECT c.*, t.seq AS t_seq, t.status AS t_status, t.at AS t_at, \
+     t.attempt AS t_attempt, t.failure_reason AS t_failure_reason, t.cause AS t_cause \
+     FROM calls c LEFT JOIN call_transitions t ON t.call_id = c.call_id AND t.seq < c.version \
+     WHERE c.call_id = $1 ORDER BY t.seq";
 
 type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
 
@@ -468,19 +476,19 @@ fn decode_call(row: &AnyRow, history: Vec<TransitionRecord>) -> Result<Call> {
 }
 
 fn decode_transition(row: &AnyRow) -> Result<TransitionRecord> {
-    let attempt: i64 = row.try_get("attempt").map_err(corrupt)?;
+    let attempt: i64 = row.try_get("t_attempt").map_err(corrupt)?;
     Ok(TransitionRecord {
-        status: row.try_get::<String, _>("status").map_err(corrupt)?.parse().map_err(corrupt)?,
-        at: instant("at", row.try_get("at").map_err(corrupt)?)?,
+        status: row.try_get::<String, _>("t_status").map_err(corrupt)?.parse().map_err(corrupt)?,
+        at: instant("at", row.try_get("t_at").map_err(corrupt)?)?,
         attempt: u32::try_from(attempt)
             .map_err(|_| Error::StoreCorrupt(format!("attempt {attempt} is out of range")))?,
         failure_reason: row
-            .try_get::<Option<String>, _>("failure_reason")
+            .try_get::<Option<String>, _>("t_failure_reason")
             .map_err(corrupt)?
             .map(|r| r.parse())
             .transpose()
             .map_err(corrupt)?,
-        cause: row.try_get("cause").map_err(corrupt)?,
+        cause: row.try_get("t_cause").map_err(corrupt)?,
     })
 }
 
