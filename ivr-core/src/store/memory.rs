@@ -5,7 +5,7 @@ use std::sync::RwLock;
 
 use async_trait::async_trait;
 
-use super::{micros, Applied, CallPage, CallQuery, CallStore, Cursor};
+use super::{micros, Applied, CallPage, CallQuery, CallStore};
 use crate::call::{Call, CallId, Transition};
 use crate::error::{Conflict, Error, Result};
 
@@ -86,14 +86,7 @@ impl CallStore for MemoryCallStore {
             None => inner.order.range(..),
         };
         let newest_first = older.rev().map(|(_, id)| &inner.calls[id]).filter(|call| query.matches(call));
-        let mut calls: Vec<Call> = newest_first.take(size + 1).cloned().collect();
-        let next = if calls.len() > size {
-            calls.truncate(size);
-            calls.last().map(Cursor::of)
-        } else {
-            None
-        };
-        Ok(CallPage { calls, next })
+        Ok(CallPage::from_one_extra(newest_first.take(size + 1).cloned().collect(), size))
     }
 
     async fn list_active(&self) -> Result<Vec<Call>> {

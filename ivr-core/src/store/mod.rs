@@ -131,6 +131,18 @@ pub struct CallPage {
     pub next: Option<Cursor>,
 }
 
+impl CallPage {
+    /// The page made of `calls`, read in list order with one more than `size` asked for: a
+    /// call past `size` only tells that another page follows.
+    pub(crate) fn from_one_extra(mut calls: Vec<Call>, size: usize) -> Self {
+        let next = (calls.len() > size).then(|| {
+            calls.truncate(size);
+            calls.last().map(Cursor::of)
+        });
+        CallPage { calls, next: next.flatten() }
+    }
+}
+
 /// A position in the newest-first order of calls: the last call of a page.
 ///
 /// Its text form (`<created_at µs>.<call_id>`) is opaque to clients but stable, so it can be

@@ -22,7 +22,7 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, AnyPool, Executor, Row};
 use time::OffsetDateTime;
 
-use super::{from_micros, micros, Applied, CallPage, CallQuery, CallStore, Cursor};
+use super::{from_micros, micros, Applied, CallPage, CallQuery, CallStore};
 use crate::call::{Call, CallId, CallStatus, Hangup, Transition, TransitionRecord};
 use crate::error::{Conflict, Error, Result};
 
@@ -313,14 +313,7 @@ impl CallStore for SqlCallStore {
                 q = q.bind(after.created_at_micros).bind(after.call_id.to_string());
             }
             let rows = q.bind(size as i64 + 1).fetch_all(&self.pool).await.map_err(unavailable)?;
-            let mut calls = self.with_histories(rows).await?;
-            let next = if calls.len() > size {
-                calls.truncate(size);
-                calls.last().map(Cursor::of)
-            } else {
-                None
-            };
-            Ok(CallPage { calls, next })
+            Ok(CallPage::from_one_extra(self.with_histories(rows).await?, size))
         })
         .await
     }
