@@ -478,6 +478,25 @@ async fn a_missed_end_is_settled_by_the_deadline() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ringing_call_whose_end_is_missed_is_settled_after_its_ring_timeout() {
+    let settings = ManagerSettings {
+        ring_grace: Duration::from_millis(100),
+        sweep_interval: Duration::from_millis(50),
+        ..settings(LOCAL)
+    };
+    // Recorded timings here: the manager's deadline and the fake's ring run on one clock.
+    let fake = FakeAsterisk::start_with(FakeConfig::default()).await.unwrap();
+    let rig = Rig::start_on(fake, Arc::new(MemoryCallStore::new()), settings).await;
+    let call = rig.manager.originate(CallRequest { timeout_secs: Some(1), ..to("+15550000004") }).await.unwrap();
+    rig.until_status(&call, CallStatus::Ringing).await;
+    rig.fake.vanish(&call.call_id.to_string());
+    let end = rig.end_of(&call).await;
+    assert_eq!((end.status, end.failure_reason), (CallStatus::Failed, Some(FailureReason::Lost)), "{:?}", end.history);
+    assert!(end.ringing_at.is_some() && end.answered_at.is_none());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_concurrency_cap_refuses_clearly() {
     let rig =
         Rig::start(Arc::new(MemoryCallStore::new()), ManagerSettings { max_active_calls: 2, ..settings(LOCAL) }).await;
