@@ -11,7 +11,7 @@
 //!    find it; then `POST /channels` with `channelId` = the attempt's channel id.
 //! 2. Every event names its channel; ids that do not parse as one of ours, or belong to no
 //!    live call, are dropped after a hash lookup. The rest go through the call's
-//!    [`follow::Tracker`], which turns them into transitions; the store applies them atomically.
+//!    tracker (`follow.rs`), which turns them into transitions; the store applies them atomically.
 //! 3. After every WebSocket (re)connect, every dropped event and every missed deadline, active
 //!    calls are reconciled with `GET /channels/{id}`: a channel Asterisk no longer knows ends
 //!    the call (`lost` if it was never answered).

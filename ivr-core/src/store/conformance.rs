@@ -1,7 +1,7 @@
 //! The [`CallStore`] contract as executable checks, written once and run by every
 //! implementation (feature `testing`).
 //!
-//! An implementation's test file names a factory and lets [`call_store_conformance!`] make
+//! An implementation's test file names a factory and lets [`call_store_conformance!`](crate::call_store_conformance) make
 //! one `#[tokio::test]` per check:
 //!
 //! ```no_run
