@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use ivr_core::ari::{AriClient, AriConfig};
+use ivr_core::ari::{AriClient, AriConfig, ChannelState, EventStream, OriginateRequest, OriginateTarget};
 use ivr_core::fake::{CalleePlan, FakeAsterisk, FakeConfig};
-use ivr_core::store::conformance::postgres_in_fresh_schema;
+use ivr_core::store::conformance::{new_call, postgres_in_fresh_schema};
 use ivr_core::{
     Call, CallManager, CallRequest, CallStatus, CallStore, Error, FailureReason, ManagerSettings, MemoryCallStore,
-    PhoneNumber, SqlCallStore,
+    PhoneNumber, SqlCallStore, Step, Transition,
 };
 use prometheus::Registry;
 use tokio::sync::oneshot;
@@ -493,6 +493,48 @@ async fn a_ringing_call_whose_end_is_missed_is_settled_after_its_ring_timeout() 
     let end = rig.end_of(&call).await;
     assert_eq!((end.status, end.failure_reason), (CallStatus::Failed, Some(FailureReason::Lost)), "{:?}", end.history);
     assert!(end.ringing_at.is_some() && end.answered_at.is_none());
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_ivr_takes_over_a_call_answered_while_nobody_followed_it() {
+    // An ivr placed this call and stopped right after Asterisk answered it: the store says
+    // `dialing`, and the channel waits in Stasis for a `continue` that never came.
+    let fake = FakeAsterisk::start_with(fast()).await.unwrap();
+    fake.set_plan(
+        "+15550000042",
+        CalleePlan::LongCall { ring: Duration::from_secs(1), talk: Duration::from_secs(3600) },
+    );
+    let store: Arc<dyn CallStore> = Arc::new(MemoryCallStore::new());
+    let mut call = Call::new(ivr_core::CallId::new(), new_call("+15550000042"), ivr_core::call::now());
+    call.apply(&Transition::new(Step::Dialing, "originate accepted")).unwrap();
+    store.insert(&call).await.unwrap();
+    let config = AriConfig::new(fake.http_url(), fake.username(), fake.password(), fake.app());
+    let previous = EventStream::connect(config.clone()).unwrap();
+    let ari = AriClient::new(config).unwrap();
+    let request = OriginateRequest {
+        endpoint: "Local/+15550000042@sim".into(),
+        channel_id: call.channel_id(),
+        target: OriginateTarget::App { app: "ivr".into(), app_args: None },
+        caller_id: None,
+        timeout_secs: Some(30),
+        variables: Default::default(),
+    };
+    within("originate", ari.originate(&request)).await.unwrap();
+    within("answered", async {
+        while !ari.get_channel(&call.channel_id()).await.is_ok_and(|c| c.state == ChannelState::Up) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    drop(previous);
+
+    // The new ivr finds it on its first reconcile and sends it on into the dialplan, whose
+    // ivr-menu plays a greeting and hangs up.
+    let rig = Rig::start_on(fake, store, settings(LOCAL)).await;
+    let end = rig.end_of(&call).await;
+    assert_eq!(end.status, CallStatus::Completed, "{:?}", end.history);
+    assert!(end.answered_at.is_some());
     rig.stop().await;
 }
 

@@ -26,7 +26,9 @@ use prometheus::Registry;
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
-use crate::ari::{AriClient, AriError, AriEvent, EventStream, OriginateRequest, OriginateTarget, StreamItem};
+use crate::ari::{
+    AriClient, AriError, AriEvent, ChannelState, EventStream, OriginateRequest, OriginateTarget, StreamItem,
+};
 use crate::call::{now, Call, CallId, CallStatus, FailureReason, NewCall, PhoneNumber, Step, Transition};
 use crate::error::{Conflict, Error, Result};
 use crate::store::{Applied, CallPage, CallQuery, CallStore};
@@ -645,7 +647,16 @@ impl CallManager {
                 if !tracked {
                     self.adopt(&call);
                 }
-                let event = AriEvent::ChannelStateChange { timestamp: String::new(), channel };
+                // Answered and still waiting in our application: its StasisStart was missed
+                // (or its follower stopped right after it), so the answer action is still due.
+                let waiting_in_stasis = channel.state == ChannelState::Up
+                    && channel.dialplan.as_ref().is_some_and(|d| d.app_name == "Stasis");
+                let timestamp = String::new();
+                let event = if waiting_in_stasis {
+                    AriEvent::StasisStart { timestamp, args: Vec::new(), channel }
+                } else {
+                    AriEvent::ChannelStateChange { timestamp, channel }
+                };
                 self.on_event(event).await;
             }
             Err(AriError::NotFound { .. }) => {
@@ -671,8 +682,10 @@ impl CallManager {
         let ring_timeout = Duration::from_secs(u64::from(call.timeout_secs));
         let mut tracker = Tracker::new(call.attempt_number, answer_action(call), ring_timeout);
         tracker.dialed = Some(Instant::now());
-        // An answered call was already sent on its way by whoever followed it before.
-        tracker.answer_action_started = call.status == CallStatus::Answered;
+        // A channel still in Stasis has not been continued into the dialplan, so that action is
+        // always safe to (re)send. A playback keeps the channel in Stasis; if the call was
+        // already answered, its audio is taken as started rather than played twice.
+        tracker.answer_action_started = call.status == CallStatus::Answered && call.audio.is_some();
         let entry = self.live_call(call, tracker);
         let mut live = self.live();
         live.entry(call.call_id).or_insert(entry);
