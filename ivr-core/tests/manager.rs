@@ -538,6 +538,66 @@ async fn a_restarted_ivr_takes_over_a_call_answered_while_nobody_followed_it() {
     rig.stop().await;
 }
 
+/// A store whose `apply` answers "unavailable" while `down` is set.
+#[derive(Default)]
+struct FlakyStore {
+    inner: MemoryCallStore,
+    down: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl CallStore for FlakyStore {
+    async fn insert(&self, call: &Call) -> ivr_core::Result<()> {
+        self.inner.insert(call).await
+    }
+    async fn get(&self, call_id: ivr_core::CallId) -> ivr_core::Result<Option<Call>> {
+        self.inner.get(call_id).await
+    }
+    async fn get_by_idempotency_key(&self, key: &str) -> ivr_core::Result<Option<Call>> {
+        self.inner.get_by_idempotency_key(key).await
+    }
+    async fn apply(&self, call_id: ivr_core::CallId, transition: &Transition) -> ivr_core::Result<ivr_core::Applied> {
+        if self.down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(Error::StoreUnavailable("the test took the store down".into()));
+        }
+        self.inner.apply(call_id, transition).await
+    }
+    async fn list(&self, query: &ivr_core::CallQuery) -> ivr_core::Result<ivr_core::CallPage> {
+        self.inner.list(query).await
+    }
+    async fn list_active(&self) -> ivr_core::Result<Vec<Call>> {
+        self.inner.list_active().await
+    }
+    async fn ping(&self) -> ivr_core::Result<()> {
+        self.inner.ping().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_delays_the_calls_transitions_but_loses_none() {
+    let fake = FakeAsterisk::start_with(fast()).await.unwrap();
+    fake.set_plan("+15550000052", CalleePlan::Busy { ring: Duration::from_secs(10) });
+    let store = Arc::new(FlakyStore::default());
+    let rig = Rig::start_on(fake, store.clone(), settings(LOCAL)).await;
+    let call = within("originate", rig.manager.originate(to("+15550000052"))).await.unwrap();
+    store.down.store(true, std::sync::atomic::Ordering::SeqCst);
+
+    // The callee rings, is busy, and the channels are gone, all while the store is down.
+    within("the channels end", async {
+        while !rig.fake.channel_ids().is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(store.get(call.call_id).await.unwrap().unwrap().is_active(), "nothing could be recorded yet");
+
+    store.down.store(false, std::sync::atomic::Ordering::SeqCst);
+    let end = rig.end_of(&call).await;
+    check("flaky memory", "store outage", &end, &failed(FailureReason::Busy, true, Some(17)));
+    rig.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_concurrency_cap_refuses_clearly() {
     let rig =

@@ -131,6 +131,10 @@ struct LiveCall {
     transitions: mpsc::UnboundedSender<Transition>,
 }
 
+/// Bounds of the pause between two tries of a transition while the store is unavailable.
+const STORE_RETRY_MIN: Duration = Duration::from_millis(100);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
+
 /// How long our channel's end waits for its callee half's end, which carries the cause.
 const SIBLING_WAIT: Duration = Duration::from_millis(250);
 
@@ -301,15 +305,28 @@ impl CallManager {
     /// The entry for a call we start following, with its transition task.
     fn live_call(&self, call: &Call, tracker: Tracker) -> LiveCall {
         let (updates, _) = watch::channel(call.clone());
-        let (transitions, mut queue) = mpsc::unbounded_channel();
+        let (transitions, mut queue) = mpsc::unbounded_channel::<Transition>();
         let manager = self.clone();
         let call_id = call.call_id;
         tokio::spawn(async move {
             // Ends when the call is let go and its sender dropped.
             while let Some(transition) = queue.recv().await {
-                if let Err(e) = manager.apply(call_id, transition).await {
-                    // The deadline sweep will ask Asterisk again once the store is back.
-                    tracing::error!(%call_id, error = %e, "could not record a transition");
+                let mut pause = STORE_RETRY_MIN;
+                loop {
+                    match manager.apply(call_id, transition.clone()).await {
+                        Ok(_) => break,
+                        // The store is down: keep this transition (and, behind it, the rest of
+                        // the call's) until it is back, so no step of the call is lost.
+                        Err(Error::StoreUnavailable(e)) => {
+                            tracing::warn!(%call_id, error = %e, ?pause, "store unavailable; will record the transition again");
+                            tokio::time::sleep(pause).await;
+                            pause = (pause * 2).min(STORE_RETRY_MAX);
+                        }
+                        Err(e) => {
+                            tracing::error!(%call_id, error = %e, "could not record a transition");
+                            break;
+                        }
+                    }
                 }
             }
         });
