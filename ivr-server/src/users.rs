@@ -132,31 +132,24 @@ impl UserStore {
     }
 
     pub async fn set_disabled(&self, username: &str, disabled: bool) -> Result<(), UserError> {
-        let done = timed(
-            sqlx::query("UPDATE ivr_users SET disabled = $1, updated_at = $2 WHERE username = $3")
-                .bind(i64::from(disabled))
-                .bind(micros_now())
-                .bind(username.to_owned())
-                .execute(&self.pool),
-        )
-        .await?;
-        if done.rows_affected() == 0 {
-            return Err(UserError::NotFound(username.into()));
-        }
-        Ok(())
+        self.update(username, "disabled = $1", i64::from(disabled)).await
     }
 
     pub async fn set_password(&self, username: &str, password: &str) -> Result<(), UserError> {
         check_password(password)?;
         let hash = self.hash(password).await?;
-        let done = timed(
-            sqlx::query("UPDATE ivr_users SET password_hash = $1, updated_at = $2 WHERE username = $3")
-                .bind(hash)
-                .bind(micros_now())
-                .bind(username.to_owned())
-                .execute(&self.pool),
-        )
-        .await?;
+        self.update(username, "password_hash = $1", hash).await
+    }
+
+    /// Sets one column (`assignment`, bound to `value` as `$1`) of an existing user.
+    async fn update<T>(&self, username: &str, assignment: &str, value: T) -> Result<(), UserError>
+    where
+        T: for<'q> sqlx::Encode<'q, sqlx::Any> + sqlx::Type<sqlx::Any> + Send,
+    {
+        let sql = format!("UPDATE ivr_users SET {assignment}, updated_at = $2 WHERE username = $3");
+        let done =
+            timed(sqlx::query(&sql).bind(value).bind(micros_now()).bind(username.to_owned()).execute(&self.pool))
+                .await?;
         if done.rows_affected() == 0 {
             return Err(UserError::NotFound(username.into()));
         }
