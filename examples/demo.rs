@@ -13,9 +13,8 @@
 use ivr_core::fake::{FakeAsterisk, FakeConfig};
 use ivr_server::app::App;
 use ivr_server::settings::Settings;
-use ivr_server::{follow_calls, logging, serve, shutdown_signal};
+use ivr_server::{logging, shutdown_signal};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 const USER: &str = "demo";
 const PASSWORD: &str = "demo-password";
@@ -56,18 +55,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         ari = fake.http_url(),
     );
 
-    let (stop, stopped) = watch::channel(false);
-    let until = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        stop.send_replace(true);
-    });
-    let follow = tokio::spawn(follow_calls(app.manager.clone(), until(stopped.clone()), settings.call_drain));
-    serve(listener, app.state.clone(), until(stopped)).await?;
-    follow.await??;
-    app.stores.close().await;
+    app.run(listener, shutdown_signal()).await?;
     fake.shutdown().await;
     Ok(())
 }

@@ -9,10 +9,9 @@ use std::time::Duration;
 use ivr_core::fake::{FakeAsterisk, FakeConfig};
 use ivr_server::app::App;
 use ivr_server::settings::Settings;
-use ivr_server::{follow_calls, serve};
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -38,14 +37,12 @@ async fn the_readme_flow_places_a_call_and_follows_it_to_its_end() {
 
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    let (stop, stopped) = watch::channel(false);
-    let until = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|s| *s).await;
-    };
-    let engine = tokio::spawn(follow_calls(app.manager.clone(), until(stopped.clone()), Duration::from_secs(5)));
-    let server = tokio::spawn(serve(listener, app.state.clone(), until(stopped)));
+    // Mounted as `ivr-server` and the demo mount it: App::run until the shutdown signal.
+    let manager = app.manager().clone();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run(listener, async { stopped.await.unwrap_or(()) }));
     within("ready", async {
-        while !app.manager.is_connected() {
+        while !manager.is_connected() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
@@ -113,8 +110,7 @@ async fn the_readme_flow_places_a_call_and_follows_it_to_its_end() {
     assert!(call["duration"].as_f64().unwrap() > 0.0);
     assert!(call["ringing_at"].is_string() && call["answered_at"].is_string());
 
-    stop.send_replace(true);
-    within("server stops", server).await.unwrap().unwrap();
-    within("engine stops", engine).await.unwrap().unwrap();
-    app.stores.close().await;
+    stop.send(()).unwrap();
+    within("server and engine stop", server).await.unwrap().unwrap();
+    assert!(!manager.is_connected(), "the engine stopped with the server");
 }

@@ -2,11 +2,15 @@
 //! [`AppState`] that [`serve`](crate::serve) mounts.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use ivr_core::ari::AriClient;
 use ivr_core::{CallManager, CallStore, MemoryCallStore, SqlCallStore};
 use prometheus::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
 
 use crate::auth::Tokens;
 use crate::settings::{DbSettings, Settings};
@@ -77,8 +81,9 @@ impl Stores {
 /// A server ready to mount.
 pub struct App {
     pub state: AppState,
-    pub manager: CallManager,
     pub stores: Stores,
+    /// How long live calls are still followed once shutdown begins (CALL_DRAIN_SECONDS).
+    pub call_drain: Duration,
 }
 
 impl App {
@@ -99,9 +104,44 @@ impl App {
             docs_enabled: settings.docs_enabled,
             shutdown_grace: settings.shutdown_grace,
         };
-        let state =
-            AppState::new(manager.clone(), stores.users.clone(), Tokens::new(&settings.auth), registry, options)
-                .map_err(StartError::Metrics)?;
-        Ok(App { state, manager, stores })
+        let state = AppState::new(manager, stores.users.clone(), Tokens::new(&settings.auth), registry, options)
+            .map_err(StartError::Metrics)?;
+        Ok(App { state, stores, call_drain: settings.call_drain })
+    }
+
+    pub fn manager(&self) -> &CallManager {
+        self.state.manager()
+    }
+
+    /// Serves the API on `listener` and follows the calls until `shutdown` completes, or the
+    /// ARI event loop fails; then drains both (see [`serve`](crate::serve) and
+    /// [`follow_calls`](crate::follow_calls)) and closes the stores.
+    pub async fn run(
+        self,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
+        let (stop, stopped) = watch::channel(false);
+        let until_stopped = |mut rx: watch::Receiver<bool>| async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        };
+        let on_signal = stop.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            on_signal.send_replace(true);
+        });
+        let follow =
+            tokio::spawn(crate::follow_calls(self.manager().clone(), until_stopped(stopped.clone()), self.call_drain));
+        let engine_stopped = tokio::spawn(async move {
+            if let Ok(Err(e)) = follow.await {
+                tracing::error!(error = %e, "the ARI event loop stopped; shutting down");
+            }
+            stop.send_replace(true);
+        });
+        let served = crate::serve(listener, self.state.clone(), until_stopped(stopped)).await;
+        let _ = engine_stopped.await;
+        self.stores.close().await;
+        tracing::info!("stopped");
+        served
     }
 }

@@ -1,4 +1,4 @@
-//! `ivr-server`: settings, stores, manager, listener, then [`ivr_server::serve`] until
+//! `ivr-server`: settings, stores, manager, listener, then [`App::run`](ivr_server::app::App::run) until
 //! SIGTERM/SIGINT. Everything else lives in the library.
 
 use std::process::ExitCode;
@@ -6,9 +6,8 @@ use std::process::ExitCode;
 use ivr_server::app::{App, StartError};
 use ivr_server::cli::{self, Command, USAGE};
 use ivr_server::settings::Settings;
-use ivr_server::{follow_calls, logging, serve, shutdown_signal};
+use ivr_server::{logging, shutdown_signal};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -41,28 +40,5 @@ async fn run() -> Result<(), StartError> {
     logging::init(&settings.log_format);
     let app = App::build(&settings).await?;
     let listener = TcpListener::bind(settings.listen_addr).await.map_err(StartError::Listen)?;
-
-    let (stop, stopped) = watch::channel(false);
-    let until_stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
-    let signal_stop = stop.clone();
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        signal_stop.send_replace(true);
-    });
-    let manager = app.manager.clone();
-    let drain = settings.call_drain;
-    let manager_stopped = stopped.clone();
-    let follow = tokio::spawn(async move {
-        if let Err(e) = follow_calls(manager, until_stopped(manager_stopped), drain).await {
-            tracing::error!(error = %e, "the ARI event loop stopped; shutting down");
-            stop.send_replace(true);
-        }
-    });
-    serve(listener, app.state.clone(), until_stopped(stopped)).await.map_err(StartError::Listen)?;
-    let _ = follow.await;
-    app.stores.close().await;
-    tracing::info!("stopped");
-    Ok(())
+    app.run(listener, shutdown_signal()).await.map_err(StartError::Listen)
 }

@@ -89,7 +89,6 @@ pub struct TestServer {
     pub addr: SocketAddr,
     pub base: String,
     pub state: AppState,
-    pub app_manager: ivr_core::CallManager,
     pub sql: Option<ivr_core::SqlCallStore>,
     stop: watch::Sender<bool>,
     serve: Option<JoinHandle<std::io::Result<()>>>,
@@ -153,7 +152,7 @@ impl TestServer {
         let follow = match ari {
             Ari::Down => None,
             Ari::At { .. } => Some(tokio::spawn(ivr_server::follow_calls(
-                app.manager.clone(),
+                app.manager().clone(),
                 until(stopped.clone()),
                 settings.call_drain,
             ))),
@@ -163,7 +162,6 @@ impl TestServer {
             addr,
             base: format!("http://{addr}"),
             state: app.state,
-            app_manager: app.manager,
             sql,
             stop,
             serve: Some(serve),
