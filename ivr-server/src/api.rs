@@ -19,8 +19,8 @@ use crate::router::{self, Miss, Route};
 use crate::view::{CallView, CreatedView, ListView};
 use crate::{metrics, openapi, sse, AppState};
 
-/// The longest `Idempotency-Key` accepted.
-const MAX_IDEMPOTENCY_KEY: usize = 255;
+/// The longest `Idempotency-Key` accepted: the manager's own limit.
+const MAX_IDEMPOTENCY_KEY: usize = CallRequest::MAX_IDEMPOTENCY_KEY;
 
 /// Answers one request. Returns the route template (`unmatched` when none) for logs and
 /// metrics along with the response.

@@ -101,6 +101,9 @@ pub struct CallRequest {
 }
 
 impl CallRequest {
+    /// The longest idempotency key accepted, in characters.
+    pub const MAX_IDEMPOTENCY_KEY: usize = 255;
+
     pub fn to(phone_number: PhoneNumber) -> Self {
         CallRequest { phone_number: Some(phone_number), ..CallRequest::default() }
     }
@@ -256,7 +259,10 @@ impl CallManager {
                 return self.apply(call_id, cancel("canceled; Asterisk no longer knew the channel")).await;
             }
             Err(AriError::NotFound { .. }) => {} // already ending: its ChannelDestroyed is on the way
-            Err(e) => return Err(Error::Ari(self.ari_error(e))),
+            Err(e) => {
+                self.count_ari_error(&e);
+                return Err(Error::Ari(e));
+            }
         }
         Ok(self.shared.store.get(call_id).await?.unwrap_or(call))
     }
@@ -339,10 +345,9 @@ impl CallManager {
         self.shared.metrics.active_calls.set(live.len() as i64);
     }
 
-    /// Counts a failed ARI request (by kind only) and hands it back.
-    fn ari_error(&self, e: AriError) -> AriError {
+    /// Counts a failed ARI request, by kind only.
+    fn count_ari_error(&self, e: &AriError) {
         self.shared.metrics.ari_errors.with_label_values(&[e.kind()]).inc();
-        e
     }
 
     fn validate(&self, request: CallRequest) -> Result<NewCall> {
@@ -387,7 +392,7 @@ impl CallManager {
             )));
         }
         if let Some(key) = &request.idempotency_key {
-            check_text("idempotency key", key, 200)?;
+            check_text("idempotency key", key, CallRequest::MAX_IDEMPOTENCY_KEY)?;
         }
         Ok(NewCall {
             phone_number,
@@ -425,7 +430,7 @@ impl CallManager {
             // We cannot tell whether Asterisk took it. Asking again with the same channel id is
             // safe: a 409 then means it did.
             tracing::warn!(call_id = %call.call_id, error = %e, "originate unanswered; asking again");
-            shared.metrics.ari_errors.with_label_values(&[e.kind()]).inc();
+            self.count_ari_error(e);
             result = shared.ari.originate(&request).await;
         }
         let placed = match result {
@@ -449,11 +454,11 @@ impl CallManager {
                     dialing = dialing.channel(name);
                 }
                 let call = self.apply(call.call_id, dialing).await?;
-                if canceled || call.status.is_terminal() && call.attempt_number == attempt {
+                if canceled {
                     // Canceled while the originate was in flight: do not leave it ringing.
                     if let Err(e) = shared.ari.hangup(&channel_id).await {
                         if !matches!(e, AriError::NotFound { .. }) {
-                            self.ari_error(e);
+                            self.count_ari_error(&e);
                         }
                     }
                 }
@@ -468,8 +473,9 @@ impl CallManager {
                     format!("originate refused: {e}"),
                 )
                 .for_attempt(attempt);
+                self.count_ari_error(&e);
                 let call = self.apply(call.call_id, failed).await?;
-                Err(Error::OriginateFailed { call: Box::new(call), source: self.ari_error(e) })
+                Err(Error::OriginateFailed { call: Box::new(call), source: e })
             }
         }
     }
@@ -546,7 +552,7 @@ impl CallManager {
     async fn on_stream_item(&self, item: StreamItem) {
         let shared = &self.shared;
         match item {
-            StreamItem::Event(event) => self.on_event(event).await,
+            StreamItem::Event(event) => self.on_event(event),
             StreamItem::Connected { connection } => {
                 shared.connected.store(true, Ordering::Relaxed);
                 if connection > 1 {
@@ -565,7 +571,7 @@ impl CallManager {
         }
     }
 
-    async fn on_event(&self, event: AriEvent) {
+    fn on_event(&self, event: AriEvent) {
         let Some(channel_id) = event.channel_id() else { return };
         let Some((call_id, attempt)) = CallId::parse_channel_id(channel_id) else { return };
         let half = Half::of(channel_id);
@@ -612,7 +618,7 @@ impl CallManager {
             Ok(()) | Err(AriError::NotFound { .. }) => {} // gone already: its end is on the way
             Err(e) => {
                 tracing::warn!(%call_id, ?command, error = %e, "ARI command failed");
-                self.ari_error(e);
+                self.count_ari_error(&e);
             }
         }
     }
@@ -629,7 +635,7 @@ impl CallManager {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "could not read Asterisk's startup time");
-                self.ari_error(e);
+                self.count_ari_error(&e);
             }
         }
     }
@@ -674,7 +680,7 @@ impl CallManager {
                 } else {
                     AriEvent::ChannelStateChange { timestamp, channel }
                 };
-                self.on_event(event).await;
+                self.on_event(event);
             }
             Err(AriError::NotFound { .. }) => {
                 let cause = if call.status == CallStatus::Pending {
@@ -688,8 +694,9 @@ impl CallManager {
                 self.forget(call_id);
             }
             Err(e) => {
-                tracing::warn!(%call_id, error = %e, "reconcile: Asterisk did not answer; will retry");
-                self.ari_error(e);
+                // Asked again at the call's next deadline (if followed here) or next reconcile.
+                tracing::warn!(%call_id, error = %e, "reconcile: Asterisk did not answer");
+                self.count_ari_error(&e);
             }
         }
     }
@@ -784,7 +791,7 @@ impl CallUpdates {
                     }
                 },
             };
-            if candidate.history.len() > self.seen || self.seen == 0 {
+            if candidate.history.len() > self.seen {
                 self.seen = candidate.history.len();
                 self.done = candidate.is_completed();
                 return Some(candidate);
