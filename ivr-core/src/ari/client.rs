@@ -196,7 +196,7 @@ impl AriClient {
         body: Option<serde_json::Value>,
     ) -> Result<T, AriError> {
         let bytes = self.send(method, path, query, body).await?;
-        serde_json::from_slice(&bytes).map_err(|e| AriError::Decode(e.to_string()))
+        serde_json::from_slice(bytes.as_ref()).map_err(|e| AriError::Decode(e.to_string()))
     }
 
     async fn call_no_content(&self, method: Method, path: &[&str], query: &[(&str, String)]) -> Result<(), AriError> {
@@ -209,7 +209,7 @@ impl AriClient {
         path: &[&str],
         query: &[(&str, String)],
         body: Option<serde_json::Value>,
-    ) -> Result<Vec<u8>, AriError> {
+    ) -> Result<impl AsRef<[u8]>, AriError> {
         let inner = &self.inner;
         let mut url = inner.base.clone();
         url.path_segments_mut().map_err(|_| AriError::Config("base URL cannot hold a path".into()))?.extend(path);
@@ -227,7 +227,7 @@ impl AriClient {
         let status = response.status();
         let bytes = response.bytes().await.map_err(|e| AriError::from_reqwest(e, timeout))?;
         if status.is_success() {
-            return Ok(bytes.to_vec());
+            return Ok(bytes);
         }
         let message = error_message(&bytes);
         Err(match status {

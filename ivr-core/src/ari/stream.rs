@@ -90,7 +90,7 @@ async fn run(config: AriConfig, url: reqwest::Url, tx: mpsc::Sender<StreamItem>)
     let mut connections = 0u64;
     let mut failures = 0u32;
     loop {
-        let item = match open(&config, &url).await {
+        let (item, delay) = match open(&config, &url).await {
             Ok(socket) => {
                 connections += 1;
                 failures = 0;
@@ -108,11 +108,12 @@ async fn run(config: AriConfig, url: reqwest::Url, tx: mpsc::Sender<StreamItem>)
                     Ended::ConsumerGone => return,
                     Ended::Replaced => {
                         tracing::warn!(app = %config.app, "another WebSocket took over the ARI application");
-                        StreamItem::Replaced { retry_in: config.reconnect_max }
+                        (StreamItem::Replaced { retry_in: config.reconnect_max }, config.reconnect_max)
                     }
                     Ended::Closed(reason) => {
                         tracing::warn!(%reason, "ARI event stream disconnected");
-                        StreamItem::Disconnected { reason, retry_in: backoff(&config, 0) }
+                        let retry_in = backoff(&config, 0);
+                        (StreamItem::Disconnected { reason, retry_in }, retry_in)
                     }
                 }
             }
@@ -120,14 +121,8 @@ async fn run(config: AriConfig, url: reqwest::Url, tx: mpsc::Sender<StreamItem>)
                 failures = failures.saturating_add(1);
                 let retry_in = backoff(&config, failures);
                 tracing::warn!(%reason, ?retry_in, "ARI event stream could not connect");
-                StreamItem::ConnectFailed { reason, retry_in }
+                (StreamItem::ConnectFailed { reason, retry_in }, retry_in)
             }
-        };
-        let delay = match &item {
-            StreamItem::ConnectFailed { retry_in, .. }
-            | StreamItem::Disconnected { retry_in, .. }
-            | StreamItem::Replaced { retry_in } => *retry_in,
-            _ => Duration::ZERO,
         };
         if tx.send(item).await.is_err() {
             return;
