@@ -131,10 +131,7 @@ impl SqlCallStore {
         let mut conn = self.pool.acquire().await.map_err(unavailable)?;
         for chunk in versions.chunks(IN_CHUNK) {
             let placeholders: Vec<String> = (1..=chunk.len()).map(|i| format!("${i}")).collect();
-            let sql = format!(
-                "SELECT call_id, {TRANSITION_COLUMNS} FROM call_transitions WHERE call_id IN ({}) ORDER BY call_id, seq",
-                placeholders.join(", ")
-            );
+            let sql = format!("{SELECT_HISTORIES_PREFIX}{}) ORDER BY call_id, seq", placeholders.join(", "));
             let mut query = sqlx::query(&sql);
             for (id, _) in chunk {
                 query = query.bind(id.as_str());
@@ -359,18 +356,35 @@ const UPDATE_STATE: &str = "UPDATE calls SET status = $1, channel = $2, dialed_a
      answered_at = $5, ended_at = $6, failure_reason = $7, hangup_cause = $8, hangup_text = $9, \
      attempt_number = $10, version = $11 WHERE call_id = $12 AND version = $13";
 
-/// A transition's columns under the names [`decode_transition`] reads, which keep clear of
-/// the `calls` columns in a join.
-const TRANSITION_COLUMNS: &str = "seq AS t_seq, status AS t_status, at AS t_at, attempt AS t_attempt, \
-     failure_reason AS t_failure_reason, cause AS t_cause";
+/// A transition's columns of table `$t` (`""` or `"t."`) under the names
+/// [`decode_transition`] reads, which keep clear of the `calls` columns in a join.
+#[rustfmt::skip]
+macro_rules! transition_columns {
+    ($t:literal) => {
+        concat!(
+            $t, "seq AS t_seq, ",
+            $t, "status AS t_status, ",
+            $t, "at AS t_at, ",
+            $t, "attempt AS t_attempt, ",
+            $t, "failure_reason AS t_failure_reason, ",
+            $t, "cause AS t_cause"
+        )
+    };
+}
 
 /// A call and its history in one round trip: the call's columns repeat on each of its few
 /// transition rows, which costs less than a second query. Rows past `version` belong to a
 /// write not yet committed when the call row was read, and are left out.
-const SELECT_CALL_WITH_HISTORY: &str = "SELECT c.*, t.seq AS t_seq, t.status AS t_status, t.at AS t_at, \
-     t.attempt AS t_attempt, t.failure_reason AS t_failure_reason, t.cause AS t_cause \
-     FROM calls c LEFT JOIN call_transitions t ON t.call_id = c.call_id AND t.seq < c.version \
-     WHERE c.call_id = $1 ORDER BY t.seq";
+const SELECT_CALL_WITH_HISTORY: &str = concat!(
+    "SELECT c.*, ",
+    transition_columns!("t."),
+    " FROM calls c LEFT JOIN call_transitions t ON t.call_id = c.call_id AND t.seq < c.version \
+     WHERE c.call_id = $1 ORDER BY t.seq"
+);
+
+/// The histories of some calls, up to the list of their ids.
+const SELECT_HISTORIES_PREFIX: &str =
+    concat!("SELECT call_id, ", transition_columns!(""), " FROM call_transitions WHERE call_id IN (");
 
 type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
 
