@@ -1,27 +1,7 @@
 //! Settings from environment variables.
 //!
-//! | variable | default | meaning |
-//! |---|---|---|
-//! | `DATABASE_URL` | `sqlite://ivr.db` (a SQLite file in the working directory, created when missing) | `sqlite:<path>` or `postgres://…`; calls and users live here |
-//! | `DISABLE_DB` | `false` | keep calls in memory; no users, so `/api/v1/token` answers 503 (mint tokens with `ivr-server token --sub NAME`) |
-//! | `ARI_HTTP_URL` | `http://127.0.0.1:8088/ari` | ARI's base URL including `/ari`; the WebSocket URL is derived from it |
-//! | `ARI_USERNAME`, `ARI_PASSWORD` | `ivr`, *(required)* | ARI credentials |
-//! | `ARI_APP` | `ivr` | the Stasis application |
-//! | `ARI_ENDPOINT_TEMPLATE` | `PJSIP/{number}@trunk` | the dial string; `{number}` is the validated number |
-//! | `DEFAULT_CONTEXT`, `DEFAULT_EXTENSION`, `DEFAULT_PRIORITY` | `ivr-menu`, `s`, `1` | where an answered call continues |
-//! | `DEFAULT_TIMEOUT` | `30` | seconds of ringing before giving up |
-//! | `DEFAULT_CALLER_ID` | *(none)* | caller id of originated calls |
-//! | `MAX_ACTIVE_CALLS` | `100` | calls not yet ended, at most |
-//! | `SECRET_KEY` | *(required, at least 32 bytes)* | the HS256 key for access tokens |
-//! | `JWT_ISSUER`, `JWT_AUDIENCE` | *(none)* | put into tokens and checked when set |
-//! | `ACCESS_TOKEN_EXPIRE_MINUTES` | `30` | token lifetime |
-//! | `BCRYPT_COST` | `12` | cost of new password hashes (4–31) |
-//! | `LISTEN_ADDR` | `127.0.0.1:8000` | where the API listens |
-//! | `METRICS_ENABLED` | `false` | serve `/metrics` |
-//! | `DOCS_ENABLED` | `true` | serve `/docs` and `/openapi.json` |
-//! | `LOG_FORMAT` | `text` | `text` or `json`; the level comes from `RUST_LOG` (default `info`) |
-//! | `SHUTDOWN_GRACE_SECONDS` | `10` | on SIGTERM/SIGINT, how long in-flight requests may take to finish |
-//! | `CALL_DRAIN_SECONDS` | `30` | then, how long live calls are still followed before the process exits |
+//! The variables, their defaults and meanings are the table under "Settings" in README.md;
+//! keep the two in step.
 //!
 //! A missing or bad variable is one [`SettingsError`] line naming it; values of secrets are never
 //! part of an error or of `Debug` output.
