@@ -997,6 +997,16 @@ fn stasis_end(call: &mut Call, core: &mut Core) {
     var1(call, core, "STASISSTATUS", "SUCCESS");
 }
 
+/// What the originated channel's hang-up says of the application: StasisEnd while in Stasis,
+/// or the final STASISSTATUS of a channel that was continued into the dialplan.
+fn leave_on_hangup(call: &mut Call, core: &mut Core) {
+    match call.loc {
+        Loc::Stasis => stasis_end(call, core),
+        Loc::Dialplan if call.was_in_stasis => var1(call, core, "STASISSTATUS", "SUCCESS"),
+        _ => {}
+    }
+}
+
 /// A running playback ends `failed` when the channel hangs up under it (answered_play).
 fn fail_playbacks(call: &mut Call, core: &mut Core) {
     if let Some(pb) = call.playbacks.front() {
@@ -1283,11 +1293,7 @@ fn callee_hangup(call: &mut Call, core: &mut Core, cause: u16, soft_flag: u16) {
 
 /// The originated channel after the far end hung up an answered call.
 fn c1_remote_hangup(call: &mut Call, core: &mut Core, cause: u16) {
-    match call.loc {
-        Loc::Stasis => stasis_end(call, core),
-        Loc::Dialplan if call.was_in_stasis => var1(call, core, "STASISSTATUS", "SUCCESS"),
-        _ => {}
-    }
+    leave_on_hangup(call, core);
     destroy_c1(call, core, cause, None);
 }
 
@@ -1308,11 +1314,7 @@ fn hangup_c1(call: &mut Call, core: &mut Core, cause: u16) {
         rtp_qos(call, core);
     }
     hr1(call, core, 32, true, None);
-    match call.loc {
-        Loc::Stasis => stasis_end(call, core),
-        Loc::Dialplan if call.was_in_stasis => var1(call, core, "STASISSTATUS", "SUCCESS"),
-        _ => {}
-    }
+    leave_on_hangup(call, core);
     hr2(call, core, 16, false);
     destroy_c1(call, core, cause, None);
     c2_tail(call, core);
@@ -1342,11 +1344,7 @@ fn restart_hangup(call: &mut Call, core: &mut Core) {
         rtp_qos(call, core);
     }
     hr1(call, core, 0, false, None);
-    match call.loc {
-        Loc::Stasis => stasis_end(call, core),
-        Loc::Dialplan if call.was_in_stasis => var1(call, core, "STASISSTATUS", "SUCCESS"),
-        _ => {}
-    }
+    leave_on_hangup(call, core);
     destroy_c1(call, core, 0, None);
     destroy_c2(call, core, 0);
 }
