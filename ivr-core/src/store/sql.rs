@@ -40,7 +40,6 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "calls", include_str!("../../migr
 #[derive(Clone, Debug)]
 pub struct SqlCallStore {
     pool: AnyPool,
-    engine: Engine,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,7 +85,7 @@ impl SqlCallStore {
             Engine::Postgres => options.max_connections(16),
         };
         let pool = options.connect(&url).await.map_err(unavailable)?;
-        Ok(SqlCallStore { pool, engine })
+        Ok(SqlCallStore { pool })
     }
 
     /// Applies the embedded migrations that have not run yet.
@@ -97,10 +96,6 @@ impl SqlCallStore {
     /// The pool, for components that keep their own tables in the same database.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
-    }
-
-    pub fn is_sqlite(&self) -> bool {
-        self.engine == Engine::Sqlite
     }
 
     async fn load(&self, conn: &mut AnyConnection, call_id: CallId) -> Result<Option<Call>> {
