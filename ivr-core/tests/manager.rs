@@ -1,7 +1,6 @@
 //! CallManager against the fake Asterisk, with each store kind: the outcome table of every
 //! recorded scenario, and the faults the engine must survive.
 
-use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
 use std::sync::Arc;
@@ -653,12 +652,9 @@ async fn a_thousand_concurrent_calls_each_reach_their_end() {
     )
     .await;
     let ends = within("1000 ends", join_all(placed.iter().map(|(call, _, _)| rig.end_of(call)))).await;
-    let mut outcomes: HashMap<String, usize> = HashMap::new();
     for ((_, status, reason), end) in placed.iter().zip(&ends) {
         assert_eq!((end.status, end.failure_reason), (*status, *reason), "{}: {:?}", end.phone_number, end.history);
-        *outcomes.entry(format!("{}", end.status)).or_default() += 1;
     }
-    assert_eq!(outcomes.values().sum::<usize>(), 1000);
     assert_eq!(rig.manager.active_calls(), 0);
     rig.stop().await;
 }
