@@ -1,6 +1,6 @@
 //! The fake Asterisk against the recordings of a real one.
 //!
-//! Each test replays one transcript of `ari-transcripts/` against a fresh [`FakeAsterisk`]: the
+//! Each test replays one transcript of `tests/transcripts/` against a fresh [`FakeAsterisk`]: the
 //! same HTTP requests (plain reqwest), the same WebSocket connections (plain tokio-tungstenite),
 //! the same restart, in the recorded order. The transcript is the oracle, read at test time:
 //!
@@ -45,19 +45,18 @@ use tokio_tungstenite::tungstenite::{self, Message};
 /// The longest any single wait may take before the test fails.
 const STEP: Duration = Duration::from_secs(10);
 
+/// The recordings live beside this test (`tests/transcripts/`, a copy of the team's
+/// `ari-transcripts`), so a clone anywhere replays them.
 fn transcripts_dir() -> PathBuf {
-    match std::env::var_os("IVR_TRANSCRIPTS_DIR") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/ari-transcripts")),
-    }
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/transcripts"))
 }
 
 fn load(name: &str) -> Vec<Value> {
     let path = transcripts_dir().join(format!("{name}.jsonl"));
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "cannot read the ARI transcript {} ({e}). The transcripts are the oracle of these tests: \
-             set IVR_TRANSCRIPTS_DIR to the ari-transcripts folder",
+            "cannot read the ARI transcript {} ({e}). The transcripts are the oracle of these tests \
+             and are kept in the repository",
             path.display()
         )
     });

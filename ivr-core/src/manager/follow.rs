@@ -1,6 +1,6 @@
 //! What an ARI event means for one call: the transition it causes, and what we must do next.
 //!
-//! This is the knowledge the transcripts taught (see `shared/ari-transcripts/README.md`):
+//! This is the knowledge the transcripts taught (see `ivr-core/tests/transcripts/README.md`):
 //! - A Local endpoint gives two halves: `<id>` (ours) and `<id>;2` (the callee's dialplan).
 //!   Only our half's ChannelDestroyed ends the call, but the informative hang-up cause is
 //!   often on the other half (busy: ours says 0 "Unknown", `;2` says 17 "User busy").
