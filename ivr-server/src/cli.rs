@@ -1,11 +1,13 @@
 //! The subcommands: `serve` (the default), `migrate`, `user add|list|disable|enable|passwd`,
-//! `token --sub NAME`. Arguments are parsed by hand; a bad one is exit code 2 with the usage.
+//! `token --sub NAME`, `healthcheck`. Arguments are parsed by hand; a bad one is exit code 2 with the usage.
 
-use std::io::{BufRead, IsTerminal, Write};
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
 
 use crate::app::Stores;
 use crate::auth::Tokens;
-use crate::settings::{AuthSettings, DbSettings};
+use crate::settings::{AuthSettings, DbSettings, DEFAULT_LISTEN_ADDR};
 
 pub const USAGE: &str = "\
 usage: ivr-server [COMMAND]
@@ -20,6 +22,8 @@ commands:
   user passwd NAME        set NAME's password (prompted for, or one line from stdin)
   token --sub NAME        print an access token for NAME, signed with SECRET_KEY (no database needed;
                           a server with a database accepts it only if NAME is an enabled user)
+  healthcheck             exit 0 if the server at LISTEN_ADDR answers GET /healthz with 200 (for a
+                          container's HEALTHCHECK; needs no other setting)
   help                    this text
 
 See the settings table in the README (DATABASE_URL, SECRET_KEY, ARI_*, ...).";
@@ -34,6 +38,7 @@ pub enum Command {
     UserEnable(String),
     UserPasswd(String),
     Token { sub: String },
+    Healthcheck,
     Help,
 }
 
@@ -44,6 +49,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     match args.as_slice() {
         [] | ["serve"] => Ok(Command::Serve),
         ["migrate"] => Ok(Command::Migrate),
+        ["healthcheck"] => Ok(Command::Healthcheck),
         ["help" | "--help" | "-h"] => Ok(Command::Help),
         ["user", "add", name] => Ok(Command::UserAdd((*name).into())),
         ["user", "list"] => Ok(Command::UserList),
@@ -68,6 +74,12 @@ pub async fn run(command: Command) -> Result<(), String> {
             println!("{}", token.access_token);
             eprintln!("(valid for {} s; send it as `Authorization: Bearer <token>`)", token.expires_in);
             Ok(())
+        }
+        Command::Healthcheck => {
+            let listen = std::env::var("LISTEN_ADDR").unwrap_or_else(|_| DEFAULT_LISTEN_ADDR.into());
+            let addr: SocketAddr =
+                listen.parse().map_err(|_| "setting LISTEN_ADDR: must be an IP address and port".to_string())?;
+            healthcheck(addr, Duration::from_secs(2))
         }
         Command::Migrate => {
             let stores = open().await?;
@@ -107,6 +119,25 @@ pub async fn run(command: Command) -> Result<(), String> {
             eprintln!("{message}");
             Ok(())
         }
+    }
+}
+
+/// `GET /healthz` on the server listening at `addr` (an unspecified address such as `0.0.0.0` is
+/// reached over loopback), within `limit` for each of connect, write and read.
+fn healthcheck(mut addr: SocketAddr, limit: Duration) -> Result<(), String> {
+    if addr.ip().is_unspecified() {
+        addr.set_ip(if addr.is_ipv4() { [127, 0, 0, 1].into() } else { std::net::Ipv6Addr::LOCALHOST.into() });
+    }
+    let failed = |e: std::io::Error| format!("{addr}: {e}");
+    let mut stream = TcpStream::connect_timeout(&addr, limit).map_err(failed)?;
+    stream.set_read_timeout(Some(limit)).map_err(failed)?;
+    stream.set_write_timeout(Some(limit)).map_err(failed)?;
+    stream.write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n").map_err(failed)?;
+    let mut head = [0u8; 12];
+    stream.read_exact(&mut head).map_err(failed)?;
+    match &head {
+        b"HTTP/1.1 200" | b"HTTP/1.0 200" => Ok(()),
+        _ => Err(format!("{addr}: /healthz answered {:?}", String::from_utf8_lossy(&head))),
     }
 }
 
@@ -207,9 +238,38 @@ mod tests {
         assert_eq!(p(&["user", "passwd", "bob"]), Ok(Command::UserPasswd("bob".into())));
         assert_eq!(p(&["token", "--sub", "dev"]), Ok(Command::Token { sub: "dev".into() }));
         assert_eq!(p(&["token", "--sub=dev"]), Ok(Command::Token { sub: "dev".into() }));
+        assert_eq!(p(&["healthcheck"]), Ok(Command::Healthcheck));
         for bad in [&["token"][..], &["token", "--sub"], &["user"], &["user", "add"], &["frobnicate"], &["serve", "x"]]
         {
             assert!(p(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// A server that answers `status_line` to one request.
+    fn answering(status_line: &'static str) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut request = [0u8; 256];
+            let _ = conn.read(&mut request);
+            let _ = conn.write_all(format!("{status_line}\r\ncontent-length: 0\r\n\r\n").as_bytes());
+        });
+        addr
+    }
+
+    #[test]
+    fn healthcheck_wants_a_200_from_healthz() {
+        let limit = Duration::from_secs(5);
+        assert_eq!(healthcheck(answering("HTTP/1.1 200 OK"), limit), Ok(()));
+        let err = healthcheck(answering("HTTP/1.1 503 Service Unavailable"), limit).unwrap_err();
+        assert!(err.contains("503"), "{err}");
+        // Nothing listens on a port just released.
+        let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        assert!(healthcheck(closed, limit).is_err());
+        // 0.0.0.0 is reached over loopback.
+        let mut any = answering("HTTP/1.1 200 OK");
+        any.set_ip([0, 0, 0, 0].into());
+        assert_eq!(healthcheck(any, limit), Ok(()));
     }
 }

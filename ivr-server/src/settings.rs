@@ -15,6 +15,8 @@ use ivr_core::ManagerSettings;
 
 /// The embedded default database: a SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://ivr.db";
+/// Where the API listens unless LISTEN_ADDR says otherwise.
+pub const DEFAULT_LISTEN_ADDR: &str = "127.0.0.1:8000";
 /// The shortest SECRET_KEY accepted (HS256 wants a key at least as long as its 32-byte hash).
 pub const MIN_SECRET_BYTES: usize = 32;
 
@@ -157,7 +159,7 @@ impl Settings {
                 .map_or(defaults.max_active_calls, |n| n as usize),
             ..defaults
         };
-        let listen = r.string("LISTEN_ADDR")?.unwrap_or_else(|| "127.0.0.1:8000".into());
+        let listen = r.string("LISTEN_ADDR")?.unwrap_or_else(|| DEFAULT_LISTEN_ADDR.into());
         let listen_addr = listen
             .parse()
             .map_err(|_| r.error("LISTEN_ADDR", "must be an IP address and port, e.g. 127.0.0.1:8000"))?;
