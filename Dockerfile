@@ -9,12 +9,11 @@
 
 FROM rust:1.95-slim-bookworm AS builder
 WORKDIR /src
-# Manifests first, so the dependency build is cached until Cargo.lock changes.
-COPY Cargo.toml Cargo.lock ./
-COPY ivr-core/Cargo.toml ivr-core/Cargo.toml
-COPY ivr-server/Cargo.toml ivr-server/Cargo.toml
 COPY . .
-RUN cargo build --release --locked -p ivr-server \
+# Cache mounts keep the registry and the build between image builds (BuildKit).
+RUN --mount=type=cache,target=/usr/local/cargo/registry \
+    --mount=type=cache,target=/src/target \
+    cargo build --release --locked -p ivr-server \
  && install -D -m 0755 target/release/ivr-server /out/ivr-server
 
 FROM debian:bookworm-slim AS runtime
