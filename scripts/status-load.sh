@@ -1,0 +1,120 @@
+#!/usr/bin/env bash
+# The status path under load, as a ratio to the machine's limit measured in the same run.
+#
+#   scripts/status-load.sh                 # memory and SQLite; PostgreSQL too with DATABASE_URL_PG
+#   DATABASE_URL_PG=postgres://postgres@127.0.0.1:5432/test scripts/status-load.sh
+#
+# For each store it starts the fake Asterisk and ivr-server (release builds), seeds calls
+# through the API (SEED_ENDED that end at once, SEED_LIVE that stay up), measures the size of
+# one status answer, starts examples/baseline_http with a body of that size, and drives both
+# with wrk at 32 and 128 connections, interleaved (baseline, ivr, baseline, ivr), DURATION each.
+# It prints a row per (store, calls, connections): req/s, p50, p99, the ratios, and the peak RSS
+# of ivr-server; then a one-line summary. Loopback only; every process it starts is stopped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DURATION=${DURATION:-10s}
+SEED_ENDED=${SEED_ENDED:-2000}
+SEED_LIVE=${SEED_LIVE:-200}
+CONNECTIONS=${CONNECTIONS:-"32 128"}
+STORES=${STORES:-"memory sqlite${DATABASE_URL_PG:+ postgres}"}
+
+command -v wrk >/dev/null || { echo "installing wrk"; apt-get install -y -qq wrk >/dev/null; }
+echo "building release binaries"
+cargo build --release -q -p ivr-server && cargo build --release -q -p ivr --example fake_asterisk --example baseline_http
+bin=${CARGO_TARGET_DIR:-target}/release
+work=$(mktemp -d)
+pids=()
+cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_http() { for _ in $(seq 1 100); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1"; return 1; }
+
+# wrk's summary → "req/s p50_ms p99_ms"
+run_wrk() { # url conns ids_file prefix
+  IDS_FILE=$3 PATH_PREFIX=$4 TOKEN=${TOKEN:-} wrk -t1 -c"$2" -d"$DURATION" --latency -s scripts/status-get.lua "$1" \
+    | awk '
+        function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+        /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
+        END { printf "%.0f %.2f %.2f\n", rps, p50, p99 }'
+}
+
+rows=()
+summary=()
+echo
+echo "| store | calls | conns | baseline req/s | ivr req/s | ratio | baseline p99 | ivr p99 | p99 ratio | ivr p50 | peak RSS |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+for store in $STORES; do
+  fake_port=$(free_port)
+  "$bin/examples/fake_asterisk" --port "$fake_port" > "$work/fake.env" &
+  pids+=($!)
+  for _ in $(seq 1 100); do grep -q '^ARI_APP=' "$work/fake.env" 2>/dev/null && break; sleep 0.1; done
+  port=$(free_port)
+  env_common=(SECRET_KEY="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
+              $(grep '^ARI_' "$work/fake.env") LISTEN_ADDR="127.0.0.1:$port"
+              MAX_ACTIVE_CALLS=100000 MAX_CALLS_PER_SECOND=0 RUST_LOG=warn)
+  case $store in
+    memory) env_store=(DISABLE_DB=true) ;;
+    sqlite) env_store=(DATABASE_URL="sqlite://$work/bench.db") ;;
+    postgres)
+      schema_db="ivr_bench_$$"
+      psql "$DATABASE_URL_PG" -qc "DROP DATABASE IF EXISTS $schema_db" -c "CREATE DATABASE $schema_db" >/dev/null
+      env_store=(DATABASE_URL="${DATABASE_URL_PG%/*}/$schema_db") ;;
+  esac
+  if [ "$store" = memory ]; then
+    TOKEN=$(env "${env_common[@]}" "${env_store[@]}" "$bin/ivr-server" token --sub bench 2>/dev/null)
+  else
+    echo "bench-password" | env "${env_common[@]}" "${env_store[@]}" BCRYPT_COST=4 "$bin/ivr-server" user add bench >/dev/null 2>&1
+  fi
+  env "${env_common[@]}" "${env_store[@]}" "$bin/ivr-server" > "$work/ivr-$store.log" 2>&1 &
+  ivr_pid=$!
+  pids+=($ivr_pid)
+  wait_http "http://127.0.0.1:$port/healthz"
+  if [ "$store" != memory ]; then
+    TOKEN=$(curl -s -X POST "http://127.0.0.1:$port/api/v1/token" -d username=bench -d password=bench-password \
+            | sed 's/.*"access_token":"\([^"]*\)".*/\1/')
+  fi
+  export TOKEN
+  seed() { # count number file
+    seq "$1" | xargs -P 16 -I{} curl -s -X POST "http://127.0.0.1:$port/api/v1/calls" \
+        -H "Authorization: Bearer $TOKEN" -H 'Content-Type: application/json' -d "{\"phone_number\": \"$2\"}" \
+      | grep -o '"call_id":"[^"]*"' | cut -d'"' -f4 > "$3"
+  }
+  echo "$store: seeding $SEED_ENDED ended and $SEED_LIVE live calls" >&2
+  seed "$SEED_ENDED" +15550000005 "$work/ended.ids"   # answers at once, hangs up after 1 s
+  seed "$SEED_LIVE" +15550000007 "$work/live.ids"     # answers after 1 s, stays up 60 s
+  status_of() { curl -s "http://127.0.0.1:$port/api/v1/status/$1" -H "Authorization: Bearer $TOKEN"; }
+  for _ in $(seq 1 100); do   # until the last short call has ended
+    status_of "$(tail -n1 "$work/ended.ids")" | grep -q '"is_completed":true' && break
+    sleep 0.2
+  done
+  size=$(status_of "$(head -n1 "$work/ended.ids")" | wc -c)
+  base_port=$(free_port)
+  "$bin/examples/baseline_http" --port "$base_port" --bytes "$size" >/dev/null &
+  base_pid=$!
+  pids+=($base_pid)
+  wait_http "http://127.0.0.1:$base_port/"
+  # Live calls first: they stay up 60 s after their answer, enough for 2 × 2 runs of 10 s.
+  for kind in live ended; do
+    for c in $CONNECTIONS; do
+      read -r b_rps b_p50 b_p99 < <(run_wrk "http://127.0.0.1:$base_port" "$c" "$work/$kind.ids" /)
+      read -r i_rps i_p50 i_p99 < <(run_wrk "http://127.0.0.1:$port" "$c" "$work/$kind.ids" /api/v1/status/)
+      rss=$(awk '/VmHWM/ {printf "%.0f MB", $2 / 1024}' "/proc/$ivr_pid/status")
+      ratio=$(awk -v a="$i_rps" -v b="$b_rps" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+      p99r=$(awk -v a="$i_p99" -v b="$b_p99" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+      echo "| $store | $kind | $c | $b_rps | $i_rps | $ratio | $b_p99 ms | $i_p99 ms | $p99r | $i_p50 ms | $rss |"
+      summary+=("$store/$kind/$c=${ratio}x")
+    done
+  done
+  # Non-2xx answers would flatter ivr: count them once per store.
+  bad=$(IDS_FILE="$work/ended.ids" PATH_PREFIX=/api/v1/status/ wrk -t1 -c8 -d1s -s scripts/status-get.lua "http://127.0.0.1:$port" | awk '/Non-2xx/ {print $4}')
+  [ -n "$bad" ] && echo "WARNING: $store answered $bad non-2xx responses" >&2
+  kill "$base_pid" "$ivr_pid" 2>/dev/null || true
+  kill "${pids[0]}" 2>/dev/null || true
+  wait 2>/dev/null || true
+  pids=()
+  [ "$store" = postgres ] && psql "$DATABASE_URL_PG" -qc "DROP DATABASE IF EXISTS $schema_db WITH (FORCE)" >/dev/null
+done
+echo
+echo "summary (ivr req/s as a ratio to the minimal hyper server, same run): ${summary[*]}"
