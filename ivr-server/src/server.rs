@@ -1,31 +1,73 @@
-//! The accept loop and the shutdown sequence.
+//! The accept loop, its bounds, and the shutdown sequence.
 //!
 //! [`serve`] answers HTTP/1.1 on a listener until its shutdown future completes, then stops
 //! accepting, ends event streams, and lets in-flight requests finish within
 //! [`Options::shutdown_grace`](crate::Options). [`follow_calls`] runs the CallManager's event
 //! loop and, once shutdown begins, keeps following live calls until they end or a bound passes.
+//!
+//! Bounds on connections ([`ConnectionLimits`], SECURITY.md):
+//! - the request line and headers together may be [`MAX_HEADER_BYTES`]; a larger head is
+//!   answered 431 by hyper (no body) and the connection closed;
+//! - a request's head must arrive within `header_read_timeout` of the server starting to wait
+//!   for it, on a fresh connection and between requests on a kept-alive one alike: a connection
+//!   that sends nothing, or sends its head too slowly, is closed then;
+//! - at most `max_connections` are served at once. One more is still accepted and answered
+//!   `503` problem+json with `Retry-After` and closed (up to [`REFUSING_AT_ONCE`] such answers
+//!   at a time, each within [`REFUSAL_TIMEOUT`]; beyond that the connection is closed at once);
+//! - a closed connection lingers: the server ends its side, then reads and drops what the client
+//!   still sends (up to [`LINGER_BYTES`], for at most [`LINGER`]), so an answer sent just before
+//!   the close (a 431, a 503) reaches the client rather than being cut by a TCP reset.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use ivr_core::CallManager;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Body;
+use crate::client::Peer;
 use crate::problem::Problem;
 use crate::AppState;
 
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request line and headers together, in bytes.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// How many over-the-cap connections are answered 503 at once.
+pub const REFUSING_AT_ONCE: usize = 64;
+/// How long an over-the-cap connection has to send its request before it is closed unanswered.
+pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a closing connection is read and drained at most.
+pub const LINGER: Duration = Duration::from_secs(2);
+/// How much a closing connection may still send.
+pub const LINGER_BYTES: usize = 256 * 1024;
+
+/// How many connections, and how long a request's head may take (MAX_CONNECTIONS,
+/// HEADER_READ_TIMEOUT_SECONDS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits { max_connections: 1024, header_read_timeout: Duration::from_secs(10) }
+    }
+}
 
 /// Serves the API on `listener` until `shutdown` completes, then drains (see the module doc).
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
@@ -34,10 +76,17 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "listening");
     }
+    let limits = state.options().connections.clone();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let refusals = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_header_size(MAX_HEADER_BYTES);
+    let mut refusing = builder.clone();
+    refusing.keep_alive(false).header_read_timeout(REFUSAL_TIMEOUT);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors and the like: wait a little rather than spin.
@@ -46,20 +95,34 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
                         continue;
                     }
                 };
+                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+                    state.guard_metrics().connections_refused.inc();
+                    match Arc::clone(&refusals).try_acquire_owned() {
+                        Ok(permit) => {
+                            tracing::warn!(limit = limits.max_connections, "connection refused: MAX_CONNECTIONS are open");
+                            tokio::spawn(refuse(&refusing, stream, permit));
+                        }
+                        Err(_) => drop(stream),
+                    }
+                    continue;
+                };
                 let state = state.clone();
-                let service = service_fn(move |request| {
+                let open = state.guard_metrics().connections_open.clone();
+                let service = service_fn(move |mut request: Request<Incoming>| {
                     let state = state.clone();
+                    request.extensions_mut().insert(Peer(peer));
                     async move { Ok::<_, Infallible>(respond(&state, request).await) }
                 });
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
+                let (io, returned) = Lingering::new(stream);
+                let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
+                open.inc();
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    linger(returned).await;
+                    open.dec();
+                    drop(slot);
                 });
             }
             () = &mut shutdown => break,
@@ -74,6 +137,117 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         () = tokio::time::sleep(grace) => tracing::warn!("requests still in flight after the grace period were cut"),
     }
     Ok(())
+}
+
+/// Answers one request on an over-the-cap connection with 503 and closes it.
+fn refuse(builder: &http1::Builder, stream: TcpStream, permit: OwnedSemaphorePermit) -> impl Future<Output = ()> {
+    let service = service_fn(|_request: Request<Incoming>| async {
+        let mut response = Problem::new(
+            "too-many-connections",
+            "the server has as many connections open as it serves at once; retry shortly",
+        )
+        .header(RETRY_AFTER, HeaderValue::from_static("1"))
+        .into_response();
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        Ok::<_, Infallible>(response)
+    });
+    let (io, returned) = Lingering::new(stream);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    async move {
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT * 2, connection).await;
+        linger(returned).await;
+        drop(permit);
+    }
+}
+
+/// A TCP stream that hands itself back when hyper drops it, so the close can linger.
+struct Lingering {
+    stream: Option<TcpStream>,
+    back: Option<oneshot::Sender<TcpStream>>,
+}
+
+impl Lingering {
+    fn new(stream: TcpStream) -> (Self, oneshot::Receiver<TcpStream>) {
+        let (back, returned) = oneshot::channel();
+        (Lingering { stream: Some(stream), back: Some(back) }, returned)
+    }
+
+    fn stream(&mut self) -> std::io::Result<Pin<&mut TcpStream>> {
+        self.stream.as_mut().map(Pin::new).ok_or_else(|| std::io::ErrorKind::NotConnected.into())
+    }
+}
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        if let (Some(stream), Some(back)) = (self.stream.take(), self.back.take()) {
+            let _ = back.send(stream);
+        }
+    }
+}
+
+impl AsyncRead for Lingering {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(stream) => stream.poll_read(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl AsyncWrite for Lingering {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match self.get_mut().stream() {
+            Ok(stream) => stream.poll_write(cx, buf),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut().stream() {
+            Ok(stream) => stream.poll_write_vectored(cx, bufs),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(stream) => stream.poll_flush(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut().stream() {
+            Ok(stream) => stream.poll_shutdown(cx),
+            Err(e) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+/// Ends our side of a finished connection, then drops what the client still sends, within
+/// [`LINGER`] and [`LINGER_BYTES`].
+async fn linger(returned: oneshot::Receiver<TcpStream>) {
+    let Ok(mut stream) = returned.await else { return };
+    let drain = async {
+        let _ = stream.shutdown().await;
+        let mut buf = [0u8; 8192];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// One request: the answer, its metrics and its log line. A panic in a handler is a 500.
