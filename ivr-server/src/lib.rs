@@ -11,6 +11,7 @@
 //!   may be dialled (SECURITY.md states these promises).
 //! - [`sse`], [`openapi`], [`metrics`]: the event stream, the API document and page, the
 //!   Prometheus registry.
+//! - [`server`], [`conn`]: the accept loop with its bounds, and one connection's IO.
 //! - [`settings`], [`cli`], [`logging`], [`app`]: configuration, subcommands, logs, assembly.
 
 use std::sync::Arc;
@@ -26,6 +27,7 @@ pub mod auth;
 pub mod body;
 pub mod cli;
 pub mod client;
+pub mod conn;
 pub mod logging;
 pub mod metrics;
 pub mod openapi;

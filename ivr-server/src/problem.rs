@@ -20,6 +20,7 @@ pub const KINDS: &[(&str, &str, u16, &str)] = &[
     ("destination-refused", "Destination refused", 403, "The number is outside this server's destination policy (ALLOWED_PREFIXES, DENIED_PREFIXES); nothing was sent to Asterisk."),
     ("not-found", "Not found", 404, "No such route, or no such call."),
     ("method-not-allowed", "Method not allowed", 405, "The route exists but not with this method; `Allow` lists the methods it has."),
+    ("request-timeout", "Request timeout", 408, "The request body did not arrive in time; the connection is closed."),
     ("not-cancelable", "Call already ended", 409, "The call has ended: there is nothing to cancel."),
     ("conflict", "Conflict", 409, "The request collides with a stored call."),
     ("payload-too-large", "Payload too large", 413, "The body is larger than the API accepts."),

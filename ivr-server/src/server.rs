@@ -14,16 +14,16 @@
 //! - at most `max_connections` are served at once. One more is still accepted and answered
 //!   `503` problem+json with `Retry-After` and closed (up to [`REFUSING_AT_ONCE`] such answers
 //!   at a time, each within [`REFUSAL_TIMEOUT`]; beyond that the connection is closed at once);
-//! - a closed connection lingers: the server ends its side, then reads and drops what the client
-//!   still sends (up to [`LINGER_BYTES`], for at most [`LINGER`]), so an answer sent just before
-//!   the close (a 431, a 503) reaches the client rather than being cut by a TCP reset.
+//! - a request body must arrive within [`body::BODY_READ_TIMEOUT`](crate::body::BODY_READ_TIMEOUT)
+//!   (408), and a client that stops reading its answer is dropped after
+//!   [`conn::WRITE_STALL`](crate::conn::WRITE_STALL);
+//! - a closed connection lingers ([`conn`](crate::conn)), so an answer sent just before the
+//!   close (a 431, a 503) reaches the client rather than being cut by a TCP reset.
 
 use std::convert::Infallible;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -35,12 +35,12 @@ use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use ivr_core::CallManager;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Body;
 use crate::client::Peer;
+use crate::conn::{self, Guarded};
 use crate::problem::Problem;
 use crate::AppState;
 
@@ -50,10 +50,6 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const REFUSING_AT_ONCE: usize = 64;
 /// How long an over-the-cap connection has to send its request before it is closed unanswered.
 pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
-/// How long a closing connection is read and drained at most.
-pub const LINGER: Duration = Duration::from_secs(2);
-/// How much a closing connection may still send.
-pub const LINGER_BYTES: usize = 256 * 1024;
 
 /// How many connections, and how long a request's head may take (MAX_CONNECTIONS,
 /// HEADER_READ_TIMEOUT_SECONDS).
@@ -113,14 +109,14 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
                     request.extensions_mut().insert(Peer(peer));
                     async move { Ok::<_, Infallible>(respond(&state, request).await) }
                 });
-                let (io, returned) = Lingering::new(stream);
+                let (io, returned) = Guarded::new(stream);
                 let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
                 open.inc();
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
-                    linger(returned).await;
+                    conn::linger(returned).await;
                     open.dec();
                     drop(slot);
                 });
@@ -151,103 +147,13 @@ fn refuse(builder: &http1::Builder, stream: TcpStream, permit: OwnedSemaphorePer
         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         Ok::<_, Infallible>(response)
     });
-    let (io, returned) = Lingering::new(stream);
+    let (io, returned) = Guarded::new(stream);
     let connection = builder.serve_connection(TokioIo::new(io), service);
     async move {
         let _ = tokio::time::timeout(REFUSAL_TIMEOUT * 2, connection).await;
-        linger(returned).await;
+        conn::linger(returned).await;
         drop(permit);
     }
-}
-
-/// A TCP stream that hands itself back when hyper drops it, so the close can linger.
-struct Lingering {
-    stream: Option<TcpStream>,
-    back: Option<oneshot::Sender<TcpStream>>,
-}
-
-impl Lingering {
-    fn new(stream: TcpStream) -> (Self, oneshot::Receiver<TcpStream>) {
-        let (back, returned) = oneshot::channel();
-        (Lingering { stream: Some(stream), back: Some(back) }, returned)
-    }
-
-    fn stream(&mut self) -> std::io::Result<Pin<&mut TcpStream>> {
-        self.stream.as_mut().map(Pin::new).ok_or_else(|| std::io::ErrorKind::NotConnected.into())
-    }
-}
-
-impl Drop for Lingering {
-    fn drop(&mut self) {
-        if let (Some(stream), Some(back)) = (self.stream.take(), self.back.take()) {
-            let _ = back.send(stream);
-        }
-    }
-}
-
-impl AsyncRead for Lingering {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut().stream() {
-            Ok(stream) => stream.poll_read(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    }
-}
-
-impl AsyncWrite for Lingering {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        match self.get_mut().stream() {
-            Ok(stream) => stream.poll_write(cx, buf),
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        match self.get_mut().stream() {
-            Ok(stream) => stream.poll_write_vectored(cx, bufs),
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    }
-
-    fn is_write_vectored(&self) -> bool {
-        true
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut().stream() {
-            Ok(stream) => stream.poll_flush(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        match self.get_mut().stream() {
-            Ok(stream) => stream.poll_shutdown(cx),
-            Err(e) => Poll::Ready(Err(e)),
-        }
-    }
-}
-
-/// Ends our side of a finished connection, then drops what the client still sends, within
-/// [`LINGER`] and [`LINGER_BYTES`].
-async fn linger(returned: oneshot::Receiver<TcpStream>) {
-    let Ok(mut stream) = returned.await else { return };
-    let drain = async {
-        let _ = stream.shutdown().await;
-        let mut buf = [0u8; 8192];
-        let mut read = 0;
-        while read < LINGER_BYTES {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => read += n,
-            }
-        }
-    };
-    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// One request: the answer, its metrics and its log line. A panic in a handler is a 500.

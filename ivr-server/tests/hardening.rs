@@ -289,3 +289,52 @@ async fn the_connection_cap_holds_and_health_answers_once_others_close() {
     drop(held);
     server.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_slow_body_is_answered_408() {
+    let server = TestServer::start(&[], Db::Disabled, Ari::Down).await;
+    let mut slow = connect(&server).await;
+    let head = "POST /api/v1/token HTTP/1.1\r\nhost: x\r\ncontent-type: application/x-www-form-urlencoded\r\n\
+                content-length: 100\r\n\r\nusername=al";
+    within("write", slow.write_all(head.as_bytes())).await.expect("write");
+    // The rest of the body never comes; past the body timeout the answer is waiting.
+    tokio::time::sleep(ivr_server::body::BODY_READ_TIMEOUT + Duration::from_secs(1)).await;
+    let answer = read_response(&mut slow).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("request-timeout") && answer.contains("did not arrive"), "{answer}");
+    assert!(closed_within(&mut slow, Duration::from_secs(5)).await);
+    server.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_client_that_stops_reading_is_dropped() {
+    let server = TestServer::start(&[], Db::Disabled, Ari::Down).await;
+    let open = |server: &TestServer| metric(server, "ivr_http_connections_open");
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.set_recv_buffer_size(4096).expect("small receive buffer");
+    let stalled = within("connect", socket.connect(server.addr)).await.expect("connect");
+    // Far more answer than the socket buffers hold, never read.
+    let requests = "GET /openapi.json HTTP/1.1\r\nhost: x\r\n\r\n".repeat(1000);
+    let (_reader, mut writer) = stalled.into_split();
+    within("write", writer.write_all(requests.as_bytes())).await.expect("write");
+    within("the server to serve it", async {
+        while open(&server) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // Still served a while later: the answers are stuck behind the full buffers.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(open(&server), 1);
+    tokio::time::sleep(ivr_server::conn::WRITE_STALL).await;
+    within("the server to give up on it", async {
+        while open(&server) > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    // Meanwhile and after, others are served.
+    let (status, _, _) = send(client().get(server.url("/healthz"))).await;
+    assert_eq!(status, 200);
+    server.shutdown().await;
+}
