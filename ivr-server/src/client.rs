@@ -47,6 +47,15 @@ fn mask(bits: u128, width: u8, prefix: u8) -> u128 {
     }
 }
 
+/// The key a client is counted under (login throttling, connections per client): an IPv4
+/// address as is, an IPv6 address by its /64, the block one subscriber usually holds.
+pub fn address_key(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => IpAddr::V6(std::net::Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
+        v4 => v4,
+    }
+}
+
 /// An IPv4-mapped IPv6 address as the IPv4 address it is.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {

@@ -11,7 +11,10 @@
 //! - a request's head must arrive within `header_read_timeout` of the server starting to wait
 //!   for it, on a fresh connection and between requests on a kept-alive one alike: a connection
 //!   that sends nothing, or sends its head too slowly, is closed then;
-//! - at most `max_connections` are served at once. One more is still accepted and answered
+//! - at most `max_connections` are served at once, and at most `per_client` from one client
+//!   address (an IPv6 /64; the peer, as connections carry no `X-Forwarded-For`; peers in
+//!   TRUSTED_PROXIES are exempt), so one host's flood cannot take every slot. One more is
+//!   still accepted and answered
 //!   `503` problem+json with `Retry-After` and closed (up to [`REFUSING_AT_ONCE`] such answers
 //!   at a time, each within [`REFUSAL_TIMEOUT`]; beyond that the connection is closed at once);
 //! - a request body must arrive within [`body::BODY_READ_TIMEOUT`](crate::body::BODY_READ_TIMEOUT)
@@ -20,10 +23,12 @@
 //! - a closed connection lingers ([`conn`](crate::conn)), so an answer sent just before the
 //!   close (a 431, a 503) reaches the client rather than being cut by a TCP reset.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
@@ -39,7 +44,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Body;
-use crate::client::Peer;
+use crate::client::{address_key, Peer, TrustedProxies};
 use crate::conn::{self, Guarded};
 use crate::problem::Problem;
 use crate::AppState;
@@ -52,16 +57,75 @@ pub const REFUSING_AT_ONCE: usize = 64;
 pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How many connections, and how long a request's head may take (MAX_CONNECTIONS,
-/// HEADER_READ_TIMEOUT_SECONDS).
+/// MAX_CONNECTIONS_PER_CLIENT, HEADER_READ_TIMEOUT_SECONDS).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConnectionLimits {
     pub max_connections: usize,
+    pub per_client: usize,
     pub header_read_timeout: Duration,
 }
 
 impl Default for ConnectionLimits {
     fn default() -> Self {
-        ConnectionLimits { max_connections: 1024, header_read_timeout: Duration::from_secs(10) }
+        ConnectionLimits { max_connections: 1024, per_client: 64, header_read_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Open connections per client address.
+type ClientCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// The connection slots: a count for the server and one per client address.
+struct Slots {
+    server: Arc<Semaphore>,
+    clients: ClientCounts,
+    per_client: usize,
+    trusted: TrustedProxies,
+}
+
+/// A connection's place in [`Slots`], given back on drop.
+struct Slot {
+    _server: OwnedSemaphorePermit,
+    client: Option<(IpAddr, ClientCounts)>,
+}
+
+impl Slots {
+    fn new(limits: &ConnectionLimits, trusted: TrustedProxies) -> Self {
+        Slots {
+            server: Arc::new(Semaphore::new(limits.max_connections)),
+            clients: Arc::default(),
+            per_client: limits.per_client,
+            trusted,
+        }
+    }
+
+    /// A slot for a connection from `peer`, or which limit is reached.
+    fn admit(&self, peer: IpAddr) -> Result<Slot, &'static str> {
+        let server = Arc::clone(&self.server).try_acquire_owned().map_err(|_| "MAX_CONNECTIONS")?;
+        if self.trusted.contains(peer) {
+            return Ok(Slot { _server: server, client: None });
+        }
+        let key = address_key(peer);
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = clients.entry(key).or_insert(0);
+        if *count >= self.per_client {
+            return Err("MAX_CONNECTIONS_PER_CLIENT");
+        }
+        *count += 1;
+        Ok(Slot { _server: server, client: Some((key, Arc::clone(&self.clients))) })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((key, clients)) = self.client.take() {
+            let mut clients = clients.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(count) = clients.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    clients.remove(&key);
+                }
+            }
+        }
     }
 }
 
@@ -73,7 +137,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         tracing::info!(%addr, "listening");
     }
     let limits = state.options().connections.clone();
-    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let slots = Slots::new(&limits, state.options().trusted_proxies.clone());
     let refusals = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
     let mut builder = http1::Builder::new();
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_header_size(MAX_HEADER_BYTES);
@@ -91,16 +155,19 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
                         continue;
                     }
                 };
-                let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
-                    state.guard_metrics().connections_refused.inc();
-                    match Arc::clone(&refusals).try_acquire_owned() {
-                        Ok(permit) => {
-                            tracing::warn!(limit = limits.max_connections, "connection refused: MAX_CONNECTIONS are open");
-                            tokio::spawn(refuse(&refusing, stream, permit));
+                let slot = match slots.admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(limit) => {
+                        state.guard_metrics().connections_refused.inc();
+                        match Arc::clone(&refusals).try_acquire_owned() {
+                            Ok(permit) => {
+                                tracing::warn!(limit, "connection refused: the limit of open connections is reached");
+                                tokio::spawn(refuse(&refusing, stream, permit, limit));
+                            }
+                            Err(_) => drop(stream),
                         }
-                        Err(_) => drop(stream),
+                        continue;
                     }
-                    continue;
                 };
                 let state = state.clone();
                 let open = state.guard_metrics().connections_open.clone();
@@ -135,15 +202,24 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
     Ok(())
 }
 
-/// Answers one request on an over-the-cap connection with 503 and closes it.
-fn refuse(builder: &http1::Builder, stream: TcpStream, permit: OwnedSemaphorePermit) -> impl Future<Output = ()> {
-    let service = service_fn(|_request: Request<Incoming>| async {
-        let mut response = Problem::new(
-            "too-many-connections",
-            "the server has as many connections open as it serves at once; retry shortly",
-        )
-        .header(RETRY_AFTER, HeaderValue::from_static("1"))
-        .into_response();
+/// Answers one request on an over-the-cap connection with 503 and closes it; `limit` names
+/// the limit reached.
+fn refuse(
+    builder: &http1::Builder,
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    limit: &'static str,
+) -> impl Future<Output = ()> {
+    let detail = if limit == "MAX_CONNECTIONS" {
+        "the server has as many connections open as it serves at once (MAX_CONNECTIONS); retry shortly"
+    } else {
+        "this client has as many connections open as one client may (MAX_CONNECTIONS_PER_CLIENT); \
+         reuse one, or retry shortly"
+    };
+    let service = service_fn(move |_request: Request<Incoming>| async move {
+        let mut response = Problem::new("too-many-connections", detail)
+            .header(RETRY_AFTER, HeaderValue::from_static("1"))
+            .into_response();
         response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
         Ok::<_, Infallible>(response)
     });

@@ -183,6 +183,7 @@ impl Settings {
         let c = ConnectionLimits::default();
         let connections = ConnectionLimits {
             max_connections: r.number("MAX_CONNECTIONS", 1, 1_000_000)?.map_or(c.max_connections, |n| n as usize),
+            per_client: r.number("MAX_CONNECTIONS_PER_CLIENT", 1, 1_000_000)?.map_or(c.per_client, |n| n as usize),
             header_read_timeout: r
                 .number("HEADER_READ_TIMEOUT_SECONDS", 1, 3600)?
                 .map_or(c.header_read_timeout, |n| Duration::from_secs(n.into())),
@@ -314,6 +315,7 @@ mod tests {
         assert_eq!(s.db.bcrypt_cost, 12);
         assert_eq!(s.log_format, LogFormat::Text);
         assert_eq!(s.connections.max_connections, 1024);
+        assert_eq!(s.connections.per_client, 64);
         assert_eq!(s.connections.header_read_timeout, Duration::from_secs(10));
         assert_eq!(s.login, LoginLimits::default());
         assert!(s.trusted_proxies.is_empty() && !s.policy.is_set());
@@ -366,6 +368,7 @@ mod tests {
             ("ALLOWED_PREFIXES", "+1,premium"),
             ("TRUSTED_PROXIES", "proxy.local"),
             ("MAX_CONNECTIONS", "0"),
+            ("MAX_CONNECTIONS_PER_CLIENT", "none"),
             ("HEADER_READ_TIMEOUT_SECONDS", "0"),
             ("LOGIN_ADDRESS_FAILURES", "0"),
             ("LOGIN_USER_FORGIVE_SECONDS", "x"),

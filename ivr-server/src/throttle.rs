@@ -20,14 +20,14 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::Duration;
 
 use prometheus::IntCounterVec;
 use tokio::time::Instant;
 
-use crate::client::canonical;
+use crate::client::address_key;
 
 /// The most keys each table (addresses, usernames, remembered pairs) holds.
 pub const MAX_TRACKED: usize = 10_000;
@@ -168,14 +168,6 @@ impl<K: Hash + Eq + Clone> Table<K> {
     fn retry_after(&self, failures: f64, limit: u32) -> u64 {
         let excess = failures - f64::from(limit) + 1.0;
         ((excess * self.forgive.as_secs_f64()).ceil() as u64).max(1)
-    }
-}
-
-/// The key a client address is counted under: IPv4 as is, IPv6 by its /64.
-fn address_key(ip: IpAddr) -> IpAddr {
-    match canonical(ip) {
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !((1u128 << 64) - 1))),
-        v4 => v4,
     }
 }
 

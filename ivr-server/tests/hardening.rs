@@ -338,3 +338,36 @@ async fn a_client_that_stops_reading_is_dropped() {
     assert_eq!(status, 200);
     server.shutdown().await;
 }
+
+/// A connection to the server from the loopback address `from` (e.g. 127.0.0.2).
+async fn connect_from(server: &TestServer, from: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    socket.bind(format!("{from}:0").parse().unwrap()).expect("bind a loopback source address");
+    within("connect", socket.connect(server.addr)).await.expect("connect")
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_client_cannot_take_every_connection() {
+    let vars =
+        [("MAX_CONNECTIONS", "10"), ("MAX_CONNECTIONS_PER_CLIENT", "2"), ("HEADER_READ_TIMEOUT_SECONDS", "3600")];
+    let server = TestServer::start(&vars, Db::Disabled, Ari::Down).await;
+    let held = [connect_from(&server, "127.0.0.3").await, connect_from(&server, "127.0.0.3").await];
+    within("two open", async {
+        while metric(&server, "ivr_http_connections_open") < 2 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    // The flooding client's third connection is refused, with a detail naming the limit.
+    let mut third = connect_from(&server, "127.0.0.3").await;
+    within("write", third.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")).await.expect("write");
+    let answer = read_response(&mut third).await;
+    assert!(answer.starts_with("HTTP/1.1 503") && answer.contains("MAX_CONNECTIONS_PER_CLIENT"), "{answer}");
+    // Another client is served meanwhile.
+    let mut other = connect_from(&server, "127.0.0.4").await;
+    within("write", other.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")).await.expect("write");
+    let answer = read_response(&mut other).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    drop(held);
+    server.shutdown().await;
+}
