@@ -152,14 +152,23 @@ async fn token(state: &AppState, parts: &Parts, body: hyper::body::Bytes) -> Res
     let (Some(username), Some(password)) = (username, password) else {
         return Err(Problem::bad_request("the form needs both username and password").with("error", "invalid_request"));
     };
-    let valid = users.check_password(&username, &password).await.map_err(|e| {
-        tracing::warn!(error = %e, "user store unavailable");
-        Problem::new("store-unavailable", "the user store could not be reached")
-    })?;
+    // Counted before the password is looked at; see throttle.rs.
+    let client = state.options().trusted_proxies.client_of(&parts.extensions, &parts.headers);
+    let attempt = state.login_throttle().begin(&username, client)?;
+    attempt.wait().await;
+    let valid = match users.check_password(&username, &password).await {
+        Ok(valid) => valid,
+        Err(e) => {
+            attempt.refund();
+            tracing::warn!(error = %e, "user store unavailable");
+            return Err(Problem::new("store-unavailable", "the user store could not be reached"));
+        }
+    };
     if !valid {
         tracing::info!("token refused: wrong username or password");
         return Err(Problem::unauthorized("incorrect username or password", false).with("error", "invalid_grant"));
     }
+    attempt.succeeded();
     let token = state.tokens().issue(&username).map_err(|e| {
         tracing::error!(error = %e, "could not sign a token");
         Problem::new("internal", "the token could not be signed")
@@ -212,6 +221,7 @@ async fn create_call(
         (None, None) => return Err(Problem::bad_request("phone_number is required")),
     };
     let phone_number = PhoneNumber::parse(&number).map_err(ivr_core::Error::from)?;
+    state.check_destination(&phone_number)?;
     let request = CallRequest {
         phone_number: Some(phone_number),
         context: call_body.context,

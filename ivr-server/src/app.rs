@@ -103,6 +103,10 @@ impl App {
             metrics_enabled: settings.metrics_enabled,
             docs_enabled: settings.docs_enabled,
             shutdown_grace: settings.shutdown_grace,
+            connections: settings.connections.clone(),
+            login: settings.login.clone(),
+            trusted_proxies: settings.trusted_proxies.clone(),
+            policy: settings.policy.clone(),
         };
         let state = AppState::new(manager, stores.users.clone(), Tokens::new(&settings.auth), registry, options)
             .map_err(StartError::Metrics)?;

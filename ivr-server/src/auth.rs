@@ -2,8 +2,9 @@
 //!
 //! A token carries `sub`, `iat`, `exp`, and `iss`/`aud` when JWT_ISSUER/JWT_AUDIENCE are set.
 //! Checking one verifies the signature with HS256 alone (a token naming any other `alg`,
-//! `none` included, is refused before its signature is looked at), `exp` with a small leeway,
-//! `iat` (present, not in the future), and `iss`/`aud` when configured.
+//! `none` included, is refused before its signature is looked at), `exp` and `nbf` (when
+//! present) with a leeway of [`LEEWAY_SECS`], `iat` (present, not in the future beyond the same
+//! leeway), and `iss`/`aud` when configured.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -16,8 +17,8 @@ use serde::{Deserialize, Serialize};
 use crate::problem::Problem;
 use crate::settings::AuthSettings;
 
-/// Clock skew tolerated on `exp` and `iat`, in seconds.
-const LEEWAY_SECS: u64 = 30;
+/// Clock skew tolerated on `exp`, `nbf` and `iat`, in seconds (stated in SECURITY.md).
+pub const LEEWAY_SECS: u64 = 30;
 
 /// Signs and checks access tokens.
 pub struct Tokens {
@@ -74,6 +75,7 @@ pub enum TokenError {
     WrongAlgorithm,
     BadSignature,
     Expired,
+    NotYetValid,
     IssuedInFuture,
     WrongIssuer,
     WrongAudience,
@@ -90,6 +92,7 @@ impl std::fmt::Display for TokenError {
             TokenError::WrongAlgorithm => f.write_str("only HS256 tokens are accepted"),
             TokenError::BadSignature => f.write_str("the token's signature is not valid"),
             TokenError::Expired => f.write_str("the token has expired"),
+            TokenError::NotYetValid => f.write_str("the token is not valid yet (its nbf lies in the future)"),
             TokenError::IssuedInFuture => f.write_str("the token's iat lies in the future"),
             TokenError::WrongIssuer => f.write_str("the token's issuer (iss) is not accepted"),
             TokenError::WrongAudience => f.write_str("the token's audience (aud) is not accepted"),
@@ -115,6 +118,7 @@ impl Tokens {
         let secret = settings.secret_key.expose().as_bytes();
         let mut validation = Validation::new(Algorithm::HS256);
         validation.leeway = LEEWAY_SECS;
+        validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
         match &settings.issuer {
             Some(issuer) => {
@@ -179,6 +183,7 @@ impl Tokens {
                 match e.kind() {
                     ErrorKind::InvalidSignature => TokenError::BadSignature,
                     ErrorKind::ExpiredSignature => TokenError::Expired,
+                    ErrorKind::ImmatureSignature => TokenError::NotYetValid,
                     ErrorKind::InvalidIssuer => TokenError::WrongIssuer,
                     ErrorKind::InvalidAudience => TokenError::WrongAudience,
                     ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => TokenError::WrongAlgorithm,
@@ -262,5 +267,40 @@ mod tests {
         let none = format!("eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.{}.", parts[1]);
         assert_eq!(tokens.verify(&none), Err(TokenError::WrongAlgorithm));
         assert_eq!(tokens.verify("not-a-jwt"), Err(TokenError::Malformed));
+    }
+
+    /// A token signed with `tokens`' key carrying `extra` claims beside valid `sub`/`iat`/`exp`.
+    fn signed_with(extra: serde_json::Value) -> String {
+        let now = unix_now();
+        let mut claims = serde_json::json!({"sub": "alice", "iat": now, "exp": now + 600});
+        if let (Some(claims), Some(extra)) = (claims.as_object_mut(), extra.as_object()) {
+            claims.extend(extra.clone());
+        }
+        let key = EncodingKey::from_secret("k".repeat(32).as_bytes());
+        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap()
+    }
+
+    #[test]
+    fn nbf_is_checked_with_the_stated_leeway() {
+        let tokens = Tokens::new(&settings(None, None));
+        let now = unix_now();
+        let in_an_hour = signed_with(serde_json::json!({"nbf": now + 3600}));
+        assert_eq!(tokens.verify(&in_an_hour), Err(TokenError::NotYetValid));
+        assert_eq!(TokenError::NotYetValid.to_string(), "the token is not valid yet (its nbf lies in the future)");
+        // Just beyond the leeway is refused; within it, accepted.
+        let beyond = signed_with(serde_json::json!({"nbf": now + LEEWAY_SECS + 120}));
+        assert_eq!(tokens.verify(&beyond), Err(TokenError::NotYetValid));
+        let within = signed_with(serde_json::json!({"nbf": now + LEEWAY_SECS / 2}));
+        assert_eq!(tokens.verify(&within).as_deref(), Ok("alice"));
+        let past = signed_with(serde_json::json!({"nbf": now - 60}));
+        assert_eq!(tokens.verify(&past).as_deref(), Ok("alice"));
+        // No nbf at all is still fine: the claim is optional.
+        assert_eq!(tokens.verify(&signed_with(serde_json::json!({}))).as_deref(), Ok("alice"));
+        // An nbf that is not a number is malformed, not ignored.
+        let garbage = signed_with(serde_json::json!({"nbf": "tomorrow"}));
+        assert_eq!(tokens.verify(&garbage), Err(TokenError::Malformed));
+        // iat in the future beyond the leeway stays refused.
+        let future_iat = signed_with(serde_json::json!({"iat": now + 3600}));
+        assert_eq!(tokens.verify(&future_iat), Err(TokenError::IssuedInFuture));
     }
 }

@@ -35,7 +35,11 @@ pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
     response
 }
 
-/// Reads the whole body, refusing one over [`MAX_BODY_BYTES`] (413) without reading it all.
+/// How long a request body may take to arrive; a slower one is 408.
+pub const BODY_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Reads the whole body, refusing one over [`MAX_BODY_BYTES`] (413) without reading it all,
+/// and one that takes longer than [`BODY_READ_TIMEOUT`] (408).
 pub async fn read(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Problem> {
     let too_large =
         || Problem::new("payload-too-large", format!("the body is larger than the {MAX_BODY_BYTES} bytes accepted"));
@@ -43,7 +47,12 @@ pub async fn read(headers: &HeaderMap, body: Incoming) -> Result<Bytes, Problem>
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
-    match Limited::new(body, MAX_BODY_BYTES).collect().await {
+    let collected = tokio::time::timeout(BODY_READ_TIMEOUT, Limited::new(body, MAX_BODY_BYTES).collect()).await;
+    let Ok(collected) = collected else {
+        return Err(Problem::new("request-timeout", format!("the body did not arrive within {BODY_READ_TIMEOUT:?}"))
+            .header(hyper::header::CONNECTION, HeaderValue::from_static("close")));
+    };
+    match collected {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(too_large()),
         Err(e) => Err(Problem::bad_request(format!("the body could not be read: {e}"))),

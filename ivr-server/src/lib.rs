@@ -7,8 +7,11 @@
 //! - [`router`]: the route table and the one `match` that resolves it.
 //! - [`api`]: the handlers; every failure becomes a [`problem::Problem`] (RFC 9457).
 //! - [`auth`], [`users`]: access tokens (HS256) and the users table.
+//! - [`throttle`], [`client`], [`policy`]: login throttling, who the client is, which numbers
+//!   may be dialled (SECURITY.md states these promises).
 //! - [`sse`], [`openapi`], [`metrics`]: the event stream, the API document and page, the
 //!   Prometheus registry.
+//! - [`server`], [`conn`]: the accept loop with its bounds, and one connection's IO.
 //! - [`settings`], [`cli`], [`logging`], [`app`]: configuration, subcommands, logs, assembly.
 
 use std::sync::Arc;
@@ -23,14 +26,18 @@ pub mod app;
 pub mod auth;
 pub mod body;
 pub mod cli;
+pub mod client;
+pub mod conn;
 pub mod logging;
 pub mod metrics;
 pub mod openapi;
+pub mod policy;
 pub mod problem;
 pub mod router;
 pub mod server;
 pub mod settings;
 pub mod sse;
+pub mod throttle;
 pub mod users;
 pub mod view;
 
@@ -48,6 +55,8 @@ struct Inner {
     tokens: auth::Tokens,
     registry: Registry,
     http_metrics: metrics::HttpMetrics,
+    guard_metrics: metrics::GuardMetrics,
+    throttle: throttle::LoginThrottle,
     options: Options,
     closing: watch::Sender<bool>,
 }
@@ -59,11 +68,27 @@ pub struct Options {
     pub docs_enabled: bool,
     /// How long in-flight requests may take to finish after shutdown begins.
     pub shutdown_grace: Duration,
+    /// Open connections and header bounds.
+    pub connections: server::ConnectionLimits,
+    /// Login throttling.
+    pub login: throttle::LoginLimits,
+    /// Whose `X-Forwarded-For` names the client.
+    pub trusted_proxies: client::TrustedProxies,
+    /// Which numbers may be dialled.
+    pub policy: policy::DestinationPolicy,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Options { metrics_enabled: false, docs_enabled: true, shutdown_grace: Duration::from_secs(10) }
+        Options {
+            metrics_enabled: false,
+            docs_enabled: true,
+            shutdown_grace: Duration::from_secs(10),
+            connections: server::ConnectionLimits::default(),
+            login: throttle::LoginLimits::default(),
+            trusted_proxies: client::TrustedProxies::default(),
+            policy: policy::DestinationPolicy::default(),
+        }
     }
 }
 
@@ -78,8 +103,11 @@ impl AppState {
         options: Options,
     ) -> prometheus::Result<Self> {
         let http_metrics = metrics::HttpMetrics::register(&registry)?;
+        let guard_metrics = metrics::GuardMetrics::register(&registry)?;
+        let throttle = throttle::LoginThrottle::new(options.login.clone(), guard_metrics.login_throttled.clone());
         let (closing, _) = watch::channel(false);
-        Ok(AppState { inner: Arc::new(Inner { manager, users, tokens, registry, http_metrics, options, closing }) })
+        let inner = Inner { manager, users, tokens, registry, http_metrics, guard_metrics, throttle, options, closing };
+        Ok(AppState { inner: Arc::new(inner) })
     }
 
     pub fn manager(&self) -> &CallManager {
@@ -104,6 +132,23 @@ impl AppState {
 
     pub(crate) fn http_metrics(&self) -> &metrics::HttpMetrics {
         &self.inner.http_metrics
+    }
+
+    pub(crate) fn guard_metrics(&self) -> &metrics::GuardMetrics {
+        &self.inner.guard_metrics
+    }
+
+    pub fn login_throttle(&self) -> &throttle::LoginThrottle {
+        &self.inner.throttle
+    }
+
+    /// 403 unless the destination policy lets `number` be dialled (counted when refused).
+    pub fn check_destination(&self, number: &ivr_core::PhoneNumber) -> Result<(), problem::Problem> {
+        self.inner.options.policy.check(number).map_err(|refusal| {
+            self.inner.guard_metrics.destinations_refused.with_label_values(&[refusal.reason()]).inc();
+            tracing::info!(reason = refusal.reason(), "call refused by the destination policy");
+            problem::Problem::new("destination-refused", refusal.to_string())
+        })
     }
 
     /// Tells long-lived answers (event streams) that the server is shutting down.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder};
+use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 #[derive(Clone, Debug)]
 pub struct HttpMetrics {
@@ -49,6 +49,40 @@ impl HttpMetrics {
         };
         self.requests.with_label_values(&[method, route, class]).inc();
         self.latency.with_label_values(&[method, route]).observe(elapsed.as_secs_f64());
+    }
+}
+
+/// The counters of abuse refused: throttled logins, refused destinations, connections.
+#[derive(Clone, Debug)]
+pub struct GuardMetrics {
+    /// `action` = slowed|refused, `scope` = address|username.
+    pub login_throttled: IntCounterVec,
+    /// `reason` = denied|not_allowed|not_e164.
+    pub destinations_refused: IntCounterVec,
+    pub connections_open: IntGauge,
+    pub connections_refused: IntCounter,
+}
+
+impl GuardMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let login_throttled = IntCounterVec::new(
+            Opts::new("ivr_login_throttled_total", "Login attempts slowed or refused, by action and limit (scope)"),
+            &["action", "scope"],
+        )?;
+        let destinations_refused = IntCounterVec::new(
+            Opts::new("ivr_destinations_refused_total", "Calls refused by the destination policy, by reason"),
+            &["reason"],
+        )?;
+        let connections_open = IntGauge::new("ivr_http_connections_open", "HTTP connections being served")?;
+        let connections_refused = IntCounter::new(
+            "ivr_http_connections_refused_total",
+            "HTTP connections refused (503) because MAX_CONNECTIONS were open",
+        )?;
+        registry.register(Box::new(login_throttled.clone()))?;
+        registry.register(Box::new(destinations_refused.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
+        registry.register(Box::new(connections_refused.clone()))?;
+        Ok(GuardMetrics { login_throttled, destinations_refused, connections_open, connections_refused })
     }
 }
 

@@ -1,31 +1,133 @@
-//! The accept loop and the shutdown sequence.
+//! The accept loop, its bounds, and the shutdown sequence.
 //!
 //! [`serve`] answers HTTP/1.1 on a listener until its shutdown future completes, then stops
 //! accepting, ends event streams, and lets in-flight requests finish within
 //! [`Options::shutdown_grace`](crate::Options). [`follow_calls`] runs the CallManager's event
 //! loop and, once shutdown begins, keeps following live calls until they end or a bound passes.
+//!
+//! Bounds on connections ([`ConnectionLimits`], SECURITY.md):
+//! - the request line and headers together may be [`MAX_HEADER_BYTES`]; a larger head is
+//!   answered 431 by hyper (no body) and the connection closed;
+//! - a request's head must arrive within `header_read_timeout` of the server starting to wait
+//!   for it, on a fresh connection and between requests on a kept-alive one alike: a connection
+//!   that sends nothing, or sends its head too slowly, is closed then;
+//! - at most `max_connections` are served at once, and at most `per_client` from one client
+//!   address (an IPv6 /64; the peer, as connections carry no `X-Forwarded-For`; peers in
+//!   TRUSTED_PROXIES are exempt), so one host's flood cannot take every slot. One more is
+//!   still accepted and answered
+//!   `503` problem+json with `Retry-After` and closed (up to [`REFUSING_AT_ONCE`] such answers
+//!   at a time, each within [`REFUSAL_TIMEOUT`]; beyond that the connection is closed at once);
+//! - a request body must arrive within [`body::BODY_READ_TIMEOUT`](crate::body::BODY_READ_TIMEOUT)
+//!   (408), and a client that stops reading its answer is dropped after
+//!   [`conn::WRITE_STALL`](crate::conn::WRITE_STALL);
+//! - a closed connection lingers ([`conn`](crate::conn)), so an answer sent just before the
+//!   close (a 431, a 503) reaches the client rather than being cut by a TCP reset.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
+use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use futures_util::FutureExt;
 use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONNECTION, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use ivr_core::CallManager;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Body;
+use crate::client::{address_key, Peer, TrustedProxies};
+use crate::conn::{self, Guarded};
 use crate::problem::Problem;
 use crate::AppState;
 
-/// How long a client may take to send a request's headers.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(30);
+/// The largest request line and headers together, in bytes.
+pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// How many over-the-cap connections are answered 503 at once.
+pub const REFUSING_AT_ONCE: usize = 64;
+/// How long an over-the-cap connection has to send its request before it is closed unanswered.
+pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How many connections, and how long a request's head may take (MAX_CONNECTIONS,
+/// MAX_CONNECTIONS_PER_CLIENT, HEADER_READ_TIMEOUT_SECONDS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    pub max_connections: usize,
+    pub per_client: usize,
+    pub header_read_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits { max_connections: 1024, per_client: 64, header_read_timeout: Duration::from_secs(10) }
+    }
+}
+
+/// Open connections per client address.
+type ClientCounts = Arc<Mutex<HashMap<IpAddr, usize>>>;
+
+/// The connection slots: a count for the server and one per client address.
+struct Slots {
+    server: Arc<Semaphore>,
+    clients: ClientCounts,
+    per_client: usize,
+    trusted: TrustedProxies,
+}
+
+/// A connection's place in [`Slots`], given back on drop.
+struct Slot {
+    _server: OwnedSemaphorePermit,
+    client: Option<(IpAddr, ClientCounts)>,
+}
+
+impl Slots {
+    fn new(limits: &ConnectionLimits, trusted: TrustedProxies) -> Self {
+        Slots {
+            server: Arc::new(Semaphore::new(limits.max_connections)),
+            clients: Arc::default(),
+            per_client: limits.per_client,
+            trusted,
+        }
+    }
+
+    /// A slot for a connection from `peer`, or which limit is reached.
+    fn admit(&self, peer: IpAddr) -> Result<Slot, &'static str> {
+        let server = Arc::clone(&self.server).try_acquire_owned().map_err(|_| "MAX_CONNECTIONS")?;
+        if self.trusted.contains(peer) {
+            return Ok(Slot { _server: server, client: None });
+        }
+        let key = address_key(peer);
+        let mut clients = self.clients.lock().unwrap_or_else(PoisonError::into_inner);
+        let count = clients.entry(key).or_insert(0);
+        if *count >= self.per_client {
+            return Err("MAX_CONNECTIONS_PER_CLIENT");
+        }
+        *count += 1;
+        Ok(Slot { _server: server, client: Some((key, Arc::clone(&self.clients))) })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some((key, clients)) = self.client.take() {
+            let mut clients = clients.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(count) = clients.get_mut(&key) {
+                *count -= 1;
+                if *count == 0 {
+                    clients.remove(&key);
+                }
+            }
+        }
+    }
+}
 
 /// Serves the API on `listener` until `shutdown` completes, then drains (see the module doc).
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
@@ -34,10 +136,17 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "listening");
     }
+    let limits = state.options().connections.clone();
+    let slots = Slots::new(&limits, state.options().trusted_proxies.clone());
+    let refusals = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_header_size(MAX_HEADER_BYTES);
+    let mut refusing = builder.clone();
+    refusing.keep_alive(false).header_read_timeout(REFUSAL_TIMEOUT);
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let (stream, _peer) = match accepted {
+                let (stream, peer) = match accepted {
                     Ok(accepted) => accepted,
                     Err(e) => {
                         // Out of file descriptors and the like: wait a little rather than spin.
@@ -46,20 +155,37 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
                         continue;
                     }
                 };
+                let slot = match slots.admit(peer.ip()) {
+                    Ok(slot) => slot,
+                    Err(limit) => {
+                        state.guard_metrics().connections_refused.inc();
+                        match Arc::clone(&refusals).try_acquire_owned() {
+                            Ok(permit) => {
+                                tracing::warn!(limit, "connection refused: the limit of open connections is reached");
+                                tokio::spawn(refuse(&refusing, stream, permit, limit));
+                            }
+                            Err(_) => drop(stream),
+                        }
+                        continue;
+                    }
+                };
                 let state = state.clone();
-                let service = service_fn(move |request| {
+                let open = state.guard_metrics().connections_open.clone();
+                let service = service_fn(move |mut request: Request<Incoming>| {
                     let state = state.clone();
+                    request.extensions_mut().insert(Peer(peer));
                     async move { Ok::<_, Infallible>(respond(&state, request).await) }
                 });
-                let connection = http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), service);
-                let connection = graceful.watch(connection);
+                let (io, returned) = Guarded::new(stream);
+                let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
+                open.inc();
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "connection ended with an error");
                     }
+                    conn::linger(returned).await;
+                    open.dec();
+                    drop(slot);
                 });
             }
             () = &mut shutdown => break,
@@ -74,6 +200,36 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         () = tokio::time::sleep(grace) => tracing::warn!("requests still in flight after the grace period were cut"),
     }
     Ok(())
+}
+
+/// Answers one request on an over-the-cap connection with 503 and closes it; `limit` names
+/// the limit reached.
+fn refuse(
+    builder: &http1::Builder,
+    stream: TcpStream,
+    permit: OwnedSemaphorePermit,
+    limit: &'static str,
+) -> impl Future<Output = ()> {
+    let detail = if limit == "MAX_CONNECTIONS" {
+        "the server has as many connections open as it serves at once (MAX_CONNECTIONS); retry shortly"
+    } else {
+        "this client has as many connections open as one client may (MAX_CONNECTIONS_PER_CLIENT); \
+         reuse one, or retry shortly"
+    };
+    let service = service_fn(move |_request: Request<Incoming>| async move {
+        let mut response = Problem::new("too-many-connections", detail)
+            .header(RETRY_AFTER, HeaderValue::from_static("1"))
+            .into_response();
+        response.headers_mut().insert(CONNECTION, HeaderValue::from_static("close"));
+        Ok::<_, Infallible>(response)
+    });
+    let (io, returned) = Guarded::new(stream);
+    let connection = builder.serve_connection(TokioIo::new(io), service);
+    async move {
+        let _ = tokio::time::timeout(REFUSAL_TIMEOUT * 2, connection).await;
+        conn::linger(returned).await;
+        drop(permit);
+    }
 }
 
 /// One request: the answer, its metrics and its log line. A panic in a handler is a 500.

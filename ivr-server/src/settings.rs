@@ -13,6 +13,11 @@ use std::time::Duration;
 use ivr_core::ari::AriConfig;
 use ivr_core::ManagerSettings;
 
+use crate::client::TrustedProxies;
+use crate::policy::DestinationPolicy;
+use crate::server::ConnectionLimits;
+use crate::throttle::LoginLimits;
+
 /// The embedded default database: a SQLite file in the working directory.
 pub const DEFAULT_DATABASE_URL: &str = "sqlite://ivr.db";
 /// Where the API listens unless LISTEN_ADDR says otherwise.
@@ -117,6 +122,10 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub shutdown_grace: Duration,
     pub call_drain: Duration,
+    pub connections: ConnectionLimits,
+    pub login: LoginLimits,
+    pub trusted_proxies: TrustedProxies,
+    pub policy: DestinationPolicy,
 }
 
 impl Settings {
@@ -168,6 +177,29 @@ impl Settings {
             Some("json") => LogFormat::Json,
             Some(_) => return Err(r.error("LOG_FORMAT", "must be text or json")),
         };
+        let policy =
+            DestinationPolicy::parse(r.string("ALLOWED_PREFIXES")?.as_deref(), r.string("DENIED_PREFIXES")?.as_deref())
+                .map_err(|(variable, problem)| r.error(variable, &problem))?;
+        let trusted_proxies = TrustedProxies::parse(&r.string("TRUSTED_PROXIES")?.unwrap_or_default())
+            .map_err(|problem| r.error("TRUSTED_PROXIES", &problem))?;
+        let c = ConnectionLimits::default();
+        let connections = ConnectionLimits {
+            max_connections: r.number("MAX_CONNECTIONS", 1, 1_000_000)?.map_or(c.max_connections, |n| n as usize),
+            per_client: r.number("MAX_CONNECTIONS_PER_CLIENT", 1, 1_000_000)?.map_or(c.per_client, |n| n as usize),
+            header_read_timeout: r
+                .number("HEADER_READ_TIMEOUT_SECONDS", 1, 3600)?
+                .map_or(c.header_read_timeout, |n| Duration::from_secs(n.into())),
+        };
+        let l = LoginLimits::default();
+        let secs = |n: u32| Duration::from_secs(n.into());
+        let login = LoginLimits {
+            address_failures: r.number("LOGIN_ADDRESS_FAILURES", 1, 1_000_000)?.unwrap_or(l.address_failures),
+            address_forgive: r.number("LOGIN_ADDRESS_FORGIVE_SECONDS", 1, 86_400)?.map_or(l.address_forgive, secs),
+            user_failures: r.number("LOGIN_USER_FAILURES", 1, 1_000_000)?.unwrap_or(l.user_failures),
+            user_forgive: r.number("LOGIN_USER_FORGIVE_SECONDS", 1, 86_400)?.map_or(l.user_forgive, secs),
+            slow_after: r.number("LOGIN_SLOW_AFTER", 0, 1_000_000)?.unwrap_or(l.slow_after),
+            slowdown: r.number("LOGIN_SLOWDOWN_MS", 0, 60_000)?.map_or(l.slowdown, |n| Duration::from_millis(n.into())),
+        };
         Ok(Settings {
             db,
             auth,
@@ -179,6 +211,10 @@ impl Settings {
             log_format,
             shutdown_grace: Duration::from_secs(r.number("SHUTDOWN_GRACE_SECONDS", 0, 3600)?.unwrap_or(10).into()),
             call_drain: Duration::from_secs(r.number("CALL_DRAIN_SECONDS", 0, 86_400)?.unwrap_or(30).into()),
+            connections,
+            login,
+            trusted_proxies,
+            policy,
         })
     }
 }
@@ -280,6 +316,30 @@ mod tests {
         assert!(!s.metrics_enabled && s.docs_enabled);
         assert_eq!(s.db.bcrypt_cost, 12);
         assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.connections.max_connections, 1024);
+        assert_eq!(s.connections.per_client, 64);
+        assert_eq!(s.connections.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(s.login, LoginLimits::default());
+        assert!(s.trusted_proxies.is_empty() && !s.policy.is_set());
+    }
+
+    #[test]
+    fn hardening_settings() {
+        let s = load(&[
+            ("SECRET_KEY", KEY),
+            ("ARI_PASSWORD", "pw"),
+            ("DENIED_PREFIXES", "+1900, +1976"),
+            ("ALLOWED_PREFIXES", "+1"),
+            ("TRUSTED_PROXIES", "10.0.0.0/8"),
+            ("MAX_CONNECTIONS", "5"),
+            ("LOGIN_SLOWDOWN_MS", "0"),
+        ])
+        .unwrap();
+        assert_eq!(s.policy.denied(), ["+1900", "+1976"]);
+        assert_eq!(s.policy.allowed(), ["+1"]);
+        assert_eq!(s.trusted_proxies.to_string(), "10.0.0.0/8");
+        assert_eq!(s.connections.max_connections, 5);
+        assert!(s.login.slowdown.is_zero());
     }
 
     #[test]
@@ -306,6 +366,15 @@ mod tests {
             ("ARI_HTTP_URL", "http://ivr:pw@127.0.0.1:8088/ari"),
             ("BCRYPT_COST", "3"),
             ("METRICS_ENABLED", "2"),
+            ("DENIED_PREFIXES", "1900"),
+            ("ALLOWED_PREFIXES", "+1,premium"),
+            ("TRUSTED_PROXIES", "proxy.local"),
+            ("MAX_CONNECTIONS", "0"),
+            ("MAX_CONNECTIONS_PER_CLIENT", "none"),
+            ("HEADER_READ_TIMEOUT_SECONDS", "0"),
+            ("LOGIN_ADDRESS_FAILURES", "0"),
+            ("LOGIN_USER_FORGIVE_SECONDS", "x"),
+            ("LOGIN_SLOWDOWN_MS", "60001"),
         ] {
             let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), (var, bad)]).unwrap_err();
             assert_eq!(e.variable, var, "{e}");

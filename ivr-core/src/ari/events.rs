@@ -132,21 +132,19 @@ impl AriEvent {
     /// Decodes one WebSocket text message. Only text that is not a JSON object with a string
     /// `type` is an error; an unfamiliar or unexpectedly shaped event is `Unknown`.
     pub fn parse(text: &str) -> Result<AriEvent, serde_json::Error> {
-        #[derive(Deserialize)]
-        struct Tag {
-            #[serde(rename = "type")]
-            kind: String,
-        }
-        let Tag { kind } = serde_json::from_str(text)?;
+        let raw: serde_json::Value = serde_json::from_str(text)?;
+        let Some(kind) = raw.get("type").and_then(serde_json::Value::as_str).map(str::to_owned) else {
+            return Err(serde::de::Error::custom("an ARI event is a JSON object with a string `type`"));
+        };
         if TYPED.contains(&kind.as_str()) {
-            match serde_json::from_str(text) {
+            match AriEvent::deserialize(&raw) {
                 Ok(event) => return Ok(event),
                 Err(e) => {
                     tracing::warn!(event = %kind, error = %e, "ARI event with an unexpected shape; passed on as unknown")
                 }
             }
         }
-        Ok(AriEvent::Unknown { kind, raw: serde_json::from_str(text)? })
+        Ok(AriEvent::Unknown { kind, raw })
     }
 
     /// The event's `type`.
@@ -257,6 +255,9 @@ mod tests {
 
         assert!(AriEvent::parse("not json").is_err());
         assert!(AriEvent::parse(r#"{"no_type": 1}"#).is_err());
+        // serde would read a struct from an array; an event is an object.
+        assert!(AriEvent::parse(r#"["StasisStart"]"#).is_err());
+        assert!(AriEvent::parse(r#"{"type": 7}"#).is_err());
     }
 
     #[test]

@@ -1,0 +1,129 @@
+//! One accepted TCP connection's IO, as hyper sees it: a stream whose writes may stall only so
+//! long, and that is handed back when hyper is done with it so the close can linger.
+//!
+//! - [`WRITE_STALL`]: a client that stops reading (its receive window stays full) makes every
+//!   write wait; after this long without progress the write fails and hyper drops the
+//!   connection. A client that reads, however slowly, is never cut: each write that makes
+//!   progress starts the bound again. Event streams are quiet, not stalled, and are unaffected.
+//! - [`linger`]: after the connection ends the server shuts its side (FIN), then reads and drops
+//!   what the client still sends, up to [`LINGER_BYTES`] and for at most [`LINGER`], so that a
+//!   last answer (a 431, a 503) is read by the client rather than lost to a TCP reset, as
+//!   RFC 9112 section 9.6 advises.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::time::Sleep;
+
+/// How long a write may wait on a client that does not read.
+pub const WRITE_STALL: Duration = Duration::from_secs(30);
+/// How long a closing connection is read and drained at most.
+pub const LINGER: Duration = Duration::from_secs(2);
+/// How much a closing connection may still send.
+pub const LINGER_BYTES: usize = 256 * 1024;
+
+/// The stream hyper serves (see the module doc).
+pub struct Guarded {
+    stream: Option<TcpStream>,
+    back: Option<oneshot::Sender<TcpStream>>,
+    /// Armed while a write waits; fires [`WRITE_STALL`] after the wait began.
+    stall: Option<Pin<Box<Sleep>>>,
+}
+
+impl Guarded {
+    /// The stream, and where it comes back once hyper drops it.
+    pub fn new(stream: TcpStream) -> (Self, oneshot::Receiver<TcpStream>) {
+        let (back, returned) = oneshot::channel();
+        (Guarded { stream: Some(stream), back: Some(back), stall: None }, returned)
+    }
+
+    /// Runs one write-side poll of the stream under the stall bound.
+    fn write_with<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        op: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        let Some(stream) = self.stream.as_mut() else { return Poll::Ready(Err(io::ErrorKind::NotConnected.into())) };
+        match op(Pin::new(stream), cx) {
+            Poll::Ready(result) => {
+                self.stall = None;
+                Poll::Ready(result)
+            }
+            Poll::Pending => {
+                let stall = self.stall.get_or_insert_with(|| Box::pin(tokio::time::sleep(WRITE_STALL)));
+                if stall.as_mut().poll(cx).is_ready() {
+                    tracing::debug!("a client stopped reading its answer; closing the connection");
+                    return Poll::Ready(Err(io::Error::new(io::ErrorKind::TimedOut, "the client stopped reading")));
+                }
+                Poll::Pending
+            }
+        }
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        if let (Some(stream), Some(back)) = (self.stream.take(), self.back.take()) {
+            let _ = back.send(stream);
+        }
+    }
+}
+
+impl AsyncRead for Guarded {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut().stream.as_mut() {
+            Some(stream) => Pin::new(stream).poll_read(cx, buf),
+            None => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
+        }
+    }
+}
+
+impl AsyncWrite for Guarded {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        self.get_mut().write_with(cx, |s, cx| s.poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        self.get_mut().write_with(cx, |s, cx| s.poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        true
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().write_with(cx, |s, cx| s.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.get_mut().write_with(cx, |s, cx| s.poll_shutdown(cx))
+    }
+}
+
+/// Ends our side of a finished connection, then drops what the client still sends, within
+/// [`LINGER`] and [`LINGER_BYTES`].
+pub async fn linger(returned: oneshot::Receiver<TcpStream>) {
+    let Ok(mut stream) = returned.await else { return };
+    let drain = async {
+        let _ = stream.shutdown().await;
+        let mut buf = [0u8; 8192];
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => read += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
