@@ -21,11 +21,13 @@ pub const KINDS: &[(&str, &str, u16, &str)] = &[
     ("method-not-allowed", "Method not allowed", 405, "The route exists but not with this method; `Allow` lists the methods it has."),
     ("not-cancelable", "Call already ended", 409, "The call has ended: there is nothing to cancel."),
     ("conflict", "Conflict", 409, "The request collides with a stored call."),
+    ("idempotency-key-reused", "Idempotency key reused", 422, "The Idempotency-Key was used before for a different request (another number or body); nothing was dialled. Use a new key for a new call."),
     ("payload-too-large", "Payload too large", 413, "The body is larger than the API accepts."),
     ("unsupported-media-type", "Unsupported media type", 415, "The body's Content-Type is not the one this route reads."),
     ("internal", "Internal error", 500, "The server found stored data it cannot read. This is logged."),
     ("ari-failed", "Asterisk failed", 502, "Asterisk refused the request or could not be reached. A call it refused is stored as failed and can be read by its `call_id`."),
     ("too-many-active-calls", "Too many active calls", 503, "The limit of calls not yet ended is reached; retry after `Retry-After` seconds."),
+    ("queue-full", "Queue full", 503, "The calls-per-second limit holds back more calls than the queue may hold; retry after `Retry-After` seconds."),
     ("store-unavailable", "Store unavailable", 503, "The database could not be reached or did not answer in time."),
     ("database-required", "Database required", 503, "This feature needs a database, and the server runs with DISABLE_DB=true."),
     ("not-ready", "Not ready", 503, "The store is not reachable or the ARI event connection is down."),
@@ -133,10 +135,29 @@ impl From<ivr_core::Error> for Problem {
                 Problem::new("too-many-active-calls", format!("{limit} calls are active, the most allowed"))
                     .header(RETRY_AFTER, HeaderValue::from_static("5"))
             }
+            E::QueueFull { limit, retry_after } => {
+                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                Problem::new("queue-full", format!("{limit} calls already wait for the calls-per-second limit"))
+                    .header(RETRY_AFTER, HeaderValue::from(seconds))
+            }
+            E::IdempotencyKeyReused { call_id, fields } => Problem::new(
+                "idempotency-key-reused",
+                format!(
+                    "this Idempotency-Key was used for call {call_id} with a different request \
+                     (it differs in {}); use a new key for a new call",
+                    fields.join(", ")
+                ),
+            )
+            .with("call_id", call_id.to_string()),
             E::OriginateFailed { call, source } => {
                 Problem::new("ari-failed", format!("Asterisk refused the call: {source}; it is stored as failed"))
                     .with("call_id", call.call_id.to_string())
             }
+            E::AsteriskUnreachable { call, source } => Problem::new(
+                "ari-failed",
+                format!("Asterisk could not be reached to place the call: {source}; it is stored as failed (lost)"),
+            )
+            .with("call_id", call.call_id.to_string()),
             E::Ari(source) => Problem::new("ari-failed", format!("Asterisk request failed: {source}")),
             E::StoreUnavailable(source) => {
                 tracing::warn!(error = %source, "call store unavailable");

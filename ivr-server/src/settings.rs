@@ -155,6 +155,13 @@ impl Settings {
             max_active_calls: r
                 .number("MAX_ACTIVE_CALLS", 1, 1_000_000)?
                 .map_or(defaults.max_active_calls, |n| n as usize),
+            max_calls_per_second: r.number("MAX_CALLS_PER_SECOND", 0, 10_000)?.unwrap_or(defaults.max_calls_per_second),
+            max_queued_calls: r
+                .number("MAX_QUEUED_CALLS", 1, 1_000_000)?
+                .map_or(defaults.max_queued_calls, |n| n as usize),
+            originate_retry_window: r
+                .number("ORIGINATE_RETRY_SECONDS", 0, 3600)?
+                .map_or(defaults.originate_retry_window, |n| Duration::from_secs(n.into())),
             ..defaults
         };
         let listen = r.string("LISTEN_ADDR")?.unwrap_or_else(|| "127.0.0.1:8000".into());
@@ -278,6 +285,9 @@ mod tests {
         assert!(!s.metrics_enabled && s.docs_enabled);
         assert_eq!(s.db.bcrypt_cost, 12);
         assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!((s.manager.max_calls_per_second, s.manager.max_queued_calls), (10, 1000));
+        let unpaced = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("MAX_CALLS_PER_SECOND", "0")]).unwrap();
+        assert_eq!(unpaced.manager.max_calls_per_second, 0, "0 lifts the limit");
     }
 
     #[test]
@@ -297,6 +307,8 @@ mod tests {
             ("DEFAULT_PRIORITY", "-1"),
             ("DEFAULT_TIMEOUT", "0"),
             ("MAX_ACTIVE_CALLS", "lots"),
+            ("MAX_CALLS_PER_SECOND", "-1"),
+            ("MAX_QUEUED_CALLS", "0"),
             ("ACCESS_TOKEN_EXPIRE_MINUTES", "0"),
             ("LISTEN_ADDR", "localhost"),
             ("LOG_FORMAT", "xml"),
