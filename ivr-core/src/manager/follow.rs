@@ -326,7 +326,9 @@ impl Tracker {
     /// Why an unanswered call ended, from what its events said, and only that.
     fn unanswered_reason(&self, own_cause: i32) -> FailureReason {
         if self.canceled {
-            return FailureReason::Canceled;
+            // Our DELETE ends a ringing call and an answered one alike (cause 16): after a gap
+            // the answer may have been missed, so only without one is it a cancel.
+            return if self.gap { FailureReason::Lost } else { FailureReason::Canceled };
         }
         match self.dial_status.as_deref() {
             Some("BUSY") => return FailureReason::Busy,
@@ -541,5 +543,134 @@ mod tests {
         };
         t.on_event(&hangup, Half::Ours);
         assert_eq!(t.on_event(&finished, Half::Ours).command, None, "the callee hung up; the end follows by itself");
+    }
+
+    /// The events of one recorded scenario about its originated channel (both halves).
+    fn recorded(name: &str) -> Vec<(AriEvent, Half)> {
+        let path = format!("{}/tests/transcripts/{name}.jsonl", env!("CARGO_MANIFEST_DIR"));
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("the recording {path}: {e}"));
+        let mut id = None;
+        let mut events = Vec::new();
+        for line in text.lines() {
+            let record: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            match record["kind"].as_str() {
+                Some("meta") => id = record["channel_id"].as_str().map(str::to_owned),
+                Some("ws") => {
+                    let event = AriEvent::parse(&record["event"].to_string()).expect("an ARI event");
+                    let Some(channel) = event.channel_id() else { continue };
+                    if channel.split(';').next() == id.as_deref() {
+                        let half = Half::of(channel);
+                        events.push((event, half));
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert!(!events.is_empty(), "{name}: no events of its channel");
+        events
+    }
+
+    /// How a call ends when its tracker hears `events`, with those in `missed` lost to a gap
+    /// (the socket dropped before the first of them and came back after the last). `None`
+    /// when no end was heard (a reconcile settles it).
+    fn outcome(
+        events: &[(AriEvent, Half)],
+        missed: std::ops::Range<usize>,
+        canceled: bool,
+    ) -> Option<(crate::CallStatus, Option<FailureReason>)> {
+        use crate::call::{now, Call, CallId};
+        let mut call = Call::new(CallId::new(), crate::store::conformance::new_call("+15550000001"), now());
+        call.apply(&Transition::new(Step::Sent, "sent")).unwrap();
+        call.apply(&Transition::new(Step::Dialing, "originate accepted")).unwrap();
+        let mut t = tracker();
+        t.sending(true);
+        if canceled {
+            t.cancel();
+        }
+        for (i, (event, half)) in events.iter().enumerate() {
+            if missed.contains(&i) {
+                if i == missed.start {
+                    t.note_gap();
+                }
+                continue;
+            }
+            if let Some(transition) = t.on_event(event, *half).transition {
+                let _ = call.apply(&transition);
+            }
+        }
+        // A held-back end is finished after a short wait (Command::FinishEnd).
+        if let Some(end) = t.finish_pending_end() {
+            let _ = call.apply(&end);
+        }
+        call.is_completed().then_some((call.status, call.failure_reason))
+    }
+
+    /// Every recorded ending, heard whole, gives its true outcome; with any run of its events
+    /// missed, it gives that same outcome or `lost`, never another reason.
+    #[test]
+    fn every_gap_the_recordings_allow_ends_true_or_lost() {
+        use crate::CallStatus::{Completed, Failed};
+        let cases: [(&str, bool, (crate::CallStatus, Option<FailureReason>)); 19] = [
+            ("answered_app", false, (Completed, None)),
+            ("short_call", false, (Completed, None)),
+            ("busy", false, (Failed, Some(FailureReason::Busy))),
+            ("congestion", false, (Failed, Some(FailureReason::Congestion))),
+            ("no_answer", false, (Failed, Some(FailureReason::NoAnswer))),
+            ("rejected", false, (Failed, Some(FailureReason::Rejected))),
+            ("unknown_number", false, (Failed, Some(FailureReason::Unreachable))),
+            ("hangup_while_ringing", true, (Failed, Some(FailureReason::Canceled))),
+            ("hangup_answered", true, (Completed, None)),
+            ("answered_play", false, (Completed, None)),
+            ("answered_play_short", false, (Completed, None)),
+            ("play_missing_sound", false, (Completed, None)),
+            ("asterisk_restart", false, (Completed, None)),
+            ("answered_pjsip", false, (Completed, None)),
+            ("busy_pjsip", false, (Failed, Some(FailureReason::Busy))),
+            ("rejected_pjsip", false, (Failed, Some(FailureReason::Rejected))),
+            ("no_answer_pjsip", false, (Failed, Some(FailureReason::NoAnswer))),
+            ("callee_down_pjsip", false, (Failed, Some(FailureReason::NoAnswer))),
+            ("answered_play_pjsip", false, (Completed, None)),
+        ];
+        let lost = (Failed, Some(FailureReason::Lost));
+        let mut gaps = 0;
+        for (name, canceled, truth) in cases {
+            let events = recorded(name);
+            assert_eq!(outcome(&events, 0..0, canceled), Some(truth), "{name}, heard whole");
+            for from in 0..events.len() {
+                for to in from + 1..=events.len() {
+                    gaps += 1;
+                    let got = outcome(&events, from..to, canceled);
+                    assert!(
+                        got.is_none() || got == Some(truth) || got == Some(lost),
+                        "{name} missing events {from}..{to}: {got:?}, but it was {truth:?}"
+                    );
+                }
+            }
+        }
+        assert!(gaps > 2_000, "{gaps} gaps tried");
+    }
+
+    /// The ending of the load reports: an answered call whose answer was missed ends with
+    /// 16 "Normal Clearing". That is no failure to reach anyone: it is `lost`.
+    #[test]
+    fn a_missed_answer_is_lost_not_unreachable() {
+        let events = recorded("short_call");
+        let answer_events: Vec<usize> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, (e, h))| {
+                *h == Half::Ours
+                    && matches!(
+                        e,
+                        AriEvent::ChannelStateChange { .. } | AriEvent::Dial { .. } | AriEvent::StasisStart { .. }
+                    )
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let (first, last) = (answer_events[0], *answer_events.last().unwrap());
+        assert_eq!(
+            outcome(&events, first..last + 1, false),
+            Some((crate::CallStatus::Failed, Some(FailureReason::Lost)))
+        );
     }
 }
