@@ -322,7 +322,9 @@ pub struct CallSpec {
     pub extension: String,
     pub priority: u32,
     pub caller_id: Option<String>,
-    /// Seconds of ringing before Asterisk gives up (ARI's originate `timeout`).
+    /// Seconds of ringing before Asterisk gives up (ARI's originate `timeout`; `timeout` in
+    /// the JSON, as in the request).
+    #[serde(rename = "timeout")]
     pub timeout_secs: u32,
     /// Media to play once answered (e.g. `sound:hello-world`) instead of continuing in the dialplan.
     pub audio: Option<String>,

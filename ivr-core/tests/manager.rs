@@ -370,10 +370,20 @@ async fn an_idempotent_retry_never_dials_twice() {
     for (store_name, store, _dir) in stores().await {
         let rig = Rig::start(store, settings(LOCAL)).await;
         let request = CallRequest { idempotency_key: Some("order-1".into()), ..to("+15550000004") };
-        let first = within("first", originate(&rig.manager, request.clone())).await.unwrap();
-        let again = within("again", originate(&rig.manager, request.clone())).await.unwrap();
-        assert_eq!(again.call_id, first.call_id, "{store_name}");
+        let first = within("first", rig.manager.originate(request.clone())).await.unwrap();
+        let again = within("again", rig.manager.originate(request.clone())).await.unwrap();
+        assert!(!first.replayed && again.replayed, "{store_name}: the second is a replay");
+        assert_eq!(again.call.call_id, first.call.call_id, "{store_name}");
         assert_eq!(rig.fake.originate_count(), 1, "{store_name}: one POST /channels");
+        // The same key with another request: refused, naming what differs; nothing dialled.
+        let other = CallRequest { timeout_secs: Some(7), ..request.clone() };
+        match within("reused", rig.manager.originate(other)).await {
+            Err(Error::IdempotencyKeyReused { call_id, fields }) => {
+                assert_eq!((call_id, fields), (first.call.call_id, vec!["timeout".to_owned()]), "{store_name}")
+            }
+            other => panic!("{store_name}: expected IdempotencyKeyReused, got {other:?}"),
+        }
+        assert_eq!(rig.fake.originate_count(), 1, "{store_name}: still one POST /channels");
         // Ten at once, too.
         let racing = CallRequest { idempotency_key: Some("order-2".into()), ..to("+15550000004") };
         let calls = join_all((0..10).map(|_| originate(&rig.manager, racing.clone()))).await;
@@ -683,4 +693,198 @@ fn metric(registry: &Registry, name: &str) -> f64 {
         .filter(|family| family.name() == name)
         .flat_map(|family| family.get_metric().iter().map(|m| m.get_counter().get_value()))
         .sum()
+}
+
+/// The value of one labelled counter (`label="value"`) of a family.
+fn metric_with(registry: &Registry, name: &str, label: &str, value: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric().iter())
+        .filter(|m| m.get_label().iter().any(|l| l.name() == label && l.value() == value))
+        .map(|m| m.get_counter().get_value())
+        .sum()
+}
+
+/// A store whose `list_active` (what a reconcile reads first) is slow, and counted.
+struct SlowListing {
+    inner: MemoryCallStore,
+    listings: std::sync::atomic::AtomicUsize,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl CallStore for SlowListing {
+    async fn insert(&self, call: &Call) -> ivr_core::Result<()> {
+        self.inner.insert(call).await
+    }
+    async fn get(&self, call_id: ivr_core::CallId) -> ivr_core::Result<Option<Call>> {
+        self.inner.get(call_id).await
+    }
+    async fn get_by_idempotency_key(&self, key: &str) -> ivr_core::Result<Option<Call>> {
+        self.inner.get_by_idempotency_key(key).await
+    }
+    async fn apply(&self, call_id: ivr_core::CallId, transition: &Transition) -> ivr_core::Result<ivr_core::Applied> {
+        self.inner.apply(call_id, transition).await
+    }
+    async fn list(&self, query: &ivr_core::CallQuery) -> ivr_core::Result<ivr_core::CallPage> {
+        self.inner.list(query).await
+    }
+    async fn list_active(&self) -> ivr_core::Result<Vec<Call>> {
+        self.listings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.inner.list_active().await
+    }
+    async fn ping(&self) -> ivr_core::Result<()> {
+        self.inner.ping().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_asks_during_a_slow_one_coalesce_into_one_more() {
+    let store = Arc::new(SlowListing {
+        inner: MemoryCallStore::new(),
+        listings: Default::default(),
+        delay: Duration::from_millis(300),
+    });
+    let listings = || store.listings.load(std::sync::atomic::Ordering::SeqCst);
+    let until = |n: usize| async move {
+        within("a reconcile starts", async {
+            while listings() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+    };
+    let rig = Rig::start(store.clone(), settings(LOCAL)).await;
+    until(1).await; // the one after connecting
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(listings(), 1);
+
+    rig.manager.reconcile_soon();
+    until(2).await;
+    // Ten asks while that one is still reading the store.
+    for _ in 0..10 {
+        rig.manager.reconcile_soon();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(listings(), 3, "the slow one, then exactly one more for the ten asks");
+    assert_eq!(metric(&rig.registry, "ivr_reconcile_runs_total"), 3.0);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_active_calls_are_reconciled_with_one_listing() {
+    let fake = FakeAsterisk::start_with(fast()).await.unwrap();
+    fake.set_plan(
+        "+15550000042",
+        CalleePlan::LongCall { ring: Duration::from_millis(100), talk: Duration::from_secs(3600) },
+    );
+    let rig = Rig::start_on(fake, Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        calls.push(within("originate", originate(&rig.manager, to("+15550000042"))).await.unwrap());
+    }
+    for call in &calls {
+        rig.until_status(call, CallStatus::Answered).await;
+    }
+    let before = metric_with(&rig.registry, "ivr_reconcile_requests_total", "request", "get");
+    rig.fake.drop_websockets();
+    within("the reconcile after the reconnect", async {
+        while metric_with(&rig.registry, "ivr_reconcile_requests_total", "request", "list") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(metric_with(&rig.registry, "ivr_reconcile_requests_total", "request", "get"), before, "no GET per call");
+    // The listing found every call up: none was ended for it.
+    for call in &calls {
+        assert_eq!(rig.manager.get(call.call_id).await.unwrap().unwrap().status, CallStatus::Answered);
+    }
+    for call in &calls {
+        within("cancel", rig.manager.cancel(call.call_id)).await.unwrap();
+        let end = rig.end_of(call).await;
+        assert_eq!(end.status, CallStatus::Completed, "{:?}", end.history);
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_calls_resume_in_order_after_a_restart_and_none_is_dialled_twice() {
+    let fake = FakeAsterisk::start_with(fast()).await.unwrap();
+    let store: Arc<dyn CallStore> = Arc::new(MemoryCallStore::new());
+    // One call a second: the first is dialled at once, the other four wait.
+    let paced = ManagerSettings { max_calls_per_second: 1, ..settings(LOCAL) };
+    let first = Rig::start_on(fake.clone(), store.clone(), paced).await;
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        calls.push(within("originate", originate(&first.manager, to("+15550000005"))).await.unwrap());
+    }
+    assert!(calls[1..].iter().all(|c| c.is_queued()), "{:?}", calls.iter().map(|c| c.status).collect::<Vec<_>>());
+    assert_eq!(first.manager.queued_calls(), 4);
+    first.stop().await; // the process stops with four calls never sent
+
+    for call in &calls[1..] {
+        assert!(store.get(call.call_id).await.unwrap().unwrap().is_queued(), "still queued in the store");
+    }
+    let second =
+        Rig::start_on(fake, store.clone(), ManagerSettings { max_calls_per_second: 20, ..settings(LOCAL) }).await;
+    let mut sent = Vec::new();
+    for call in &calls {
+        let end = second.end_of(call).await;
+        assert_eq!(end.status, CallStatus::Completed, "{:?}", end.history);
+        sent.push(end.sent_at.expect("sent"));
+    }
+    assert!(sent[1..].windows(2).all(|w| w[0] < w[1]), "resumed in the order they were accepted: {sent:?}");
+    assert_eq!(second.fake.originate_count(), 5, "each dialled once");
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_originate_whose_answer_is_lost_is_sent_again_and_a_409_means_placed() {
+    let fake = FakeAsterisk::start_with(fast()).await.unwrap();
+    let rig = {
+        let mut ari = AriConfig::new(fake.http_url(), fake.username(), fake.password(), fake.app());
+        // The first answer comes too late: the client gives up on it, the channel exists.
+        ari.request_timeout = Duration::from_millis(150);
+        ari.reconnect_min = Duration::from_millis(20);
+        let registry = Registry::new();
+        let store: Arc<dyn CallStore> = Arc::new(MemoryCallStore::new());
+        let manager = CallManager::new(AriClient::new(ari).unwrap(), store, settings(LOCAL), &registry).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runner = tokio::spawn({
+            let manager = manager.clone();
+            async move { manager.run(async { stopped.await.unwrap_or(()) }).await.expect("run") }
+        });
+        let rig = Rig { fake, manager, registry, stop: Some(stop), runner };
+        rig.until_connected().await;
+        rig
+    };
+    rig.fake.set_originate_delay(Duration::from_millis(400));
+    let placing = tokio::spawn({
+        let manager = rig.manager.clone();
+        async move { originate(&manager, to("+15550000004")).await }
+    });
+    // The first send is in flight (the channel exists); the next gets its answer at once.
+    within("the first send", async {
+        while rig.fake.originate_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    rig.fake.set_originate_delay(Duration::ZERO);
+    let call = within("originate", placing).await.unwrap().expect("placed");
+    assert_ne!(call.status, CallStatus::Failed, "{:?}", call.history);
+    assert_eq!(rig.fake.originate_count(), 2, "sent again once, answered 409: placed");
+    assert_eq!(rig.fake.channel_ids().len(), 2, "one Local pair, not two");
+    assert_eq!(metric_with(&rig.registry, "ivr_ari_errors_total", "kind", "timeout"), 1.0);
+    let end = rig.end_of(&call).await;
+    assert_eq!(
+        (end.status, end.failure_reason),
+        (CallStatus::Failed, Some(FailureReason::NoAnswer)),
+        "{:?}",
+        end.history
+    );
+    rig.stop().await;
 }

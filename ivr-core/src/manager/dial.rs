@@ -94,10 +94,13 @@ impl CallManager {
                 return match shared.ari.get_channel(&channel_id).await {
                     Ok(channel) => self.placed(call_id, attempt, Some(channel.name), canceled()).await,
                     Err(_) => {
-                        shared.metrics.originations.with_label_values(&["lost"]).inc();
                         let cause = format!("Asterisk could not be reached to place the call: {e}");
-                        let lost = Transition::new(Step::Ended { reason_if_unanswered: FailureReason::Lost }, cause);
+                        let lost = Transition::new(Step::Ended { reason_if_unanswered: FailureReason::Lost }, &cause);
                         let call = self.write_or_apply(call_id, lost.for_attempt(attempt)).await?;
+                        if call.history.last().is_some_and(|r| r.cause != cause) {
+                            return Ok(call); // it ended meanwhile, by its own events or a cancel
+                        }
+                        shared.metrics.originations.with_label_values(&["lost"]).inc();
                         Err(Error::AsteriskUnreachable { call: Box::new(call), source: e })
                     }
                 };
