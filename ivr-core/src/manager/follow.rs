@@ -545,6 +545,9 @@ mod tests {
         assert_eq!(t.on_event(&finished, Half::Ours).command, None, "the callee hung up; the end follows by itself");
     }
 
+    /// How a call ended: its status and failure reason.
+    type Outcome = (crate::CallStatus, Option<FailureReason>);
+
     /// The events of one recorded scenario about its originated channel (both halves).
     fn recorded(name: &str) -> Vec<(AriEvent, Half)> {
         let path = format!("{}/tests/transcripts/{name}.jsonl", env!("CARGO_MANIFEST_DIR"));
@@ -573,11 +576,7 @@ mod tests {
     /// How a call ends when its tracker hears `events`, with those in `missed` lost to a gap
     /// (the socket dropped before the first of them and came back after the last). `None`
     /// when no end was heard (a reconcile settles it).
-    fn outcome(
-        events: &[(AriEvent, Half)],
-        missed: std::ops::Range<usize>,
-        canceled: bool,
-    ) -> Option<(crate::CallStatus, Option<FailureReason>)> {
+    fn outcome(events: &[(AriEvent, Half)], missed: std::ops::Range<usize>, canceled: bool) -> Option<Outcome> {
         use crate::call::{now, Call, CallId};
         let mut call = Call::new(CallId::new(), crate::store::conformance::new_call("+15550000001"), now());
         call.apply(&Transition::new(Step::Sent, "sent")).unwrap();
@@ -610,7 +609,7 @@ mod tests {
     #[test]
     fn every_gap_the_recordings_allow_ends_true_or_lost() {
         use crate::CallStatus::{Completed, Failed};
-        let cases: [(&str, bool, (crate::CallStatus, Option<FailureReason>)); 19] = [
+        let cases: [(&str, bool, Outcome); 19] = [
             ("answered_app", false, (Completed, None)),
             ("short_call", false, (Completed, None)),
             ("busy", false, (Failed, Some(FailureReason::Busy))),
