@@ -202,4 +202,17 @@ mod tests {
         let response = p.into_response();
         assert!(response.headers().contains_key(RETRY_AFTER));
     }
+
+    #[test]
+    fn a_full_queue_says_when_to_come_back_and_a_reused_key_what_differs() {
+        let full = ivr_core::Error::QueueFull { limit: 50, retry_after: std::time::Duration::from_millis(4_100) };
+        let response = Problem::from(full).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "5", "whole seconds, rounded up");
+        let call_id = ivr_core::CallId::new();
+        let reused = ivr_core::Error::IdempotencyKeyReused { call_id, fields: vec!["phone_number".into()] };
+        let p = Problem::from(reused);
+        assert_eq!((p.status, p.slug), (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused"));
+        assert!(p.detail.contains("phone_number") && p.detail.contains(&call_id.to_string()), "{}", p.detail);
+    }
 }

@@ -221,7 +221,9 @@ impl CallManager {
     /// never dials again; the same key with a different request is
     /// [`Error::IdempotencyKeyReused`]. If Asterisk refuses, the call is stored as failed
     /// (`originate_failed`) and the error carries it. Past the active-call cap it is
-    /// [`Error::TooManyActiveCalls`], past the queue bound [`Error::QueueFull`].
+    /// [`Error::TooManyActiveCalls`], past the queue bound [`Error::QueueFull`]. An originate
+    /// Asterisk does not answer is sent again (see [`ManagerSettings::originate_retry_window`]);
+    /// past 15 s of that the call is returned as it stands (`pending`) while the resends go on.
     pub async fn originate(&self, request: CallRequest) -> Result<Originated> {
         let shared = &self.shared;
         let spec = request.validate(&shared.settings)?;
