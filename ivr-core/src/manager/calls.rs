@@ -248,7 +248,9 @@ impl CallManager {
                     now.is_queued() && now.attempt_number == attempt && !c.tracker.is_canceled()
                 });
                 if waiting == Some(true) {
-                    manager.shared.pacer.requeue(call_id);
+                    let pacer = &manager.shared.pacer;
+                    pacer.requeue(call_id);
+                    manager.shared.metrics.queued_calls.set(pacer.queued() as i64);
                 }
             });
         }
