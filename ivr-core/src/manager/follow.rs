@@ -550,7 +550,10 @@ mod tests {
 
     /// The events of one recorded scenario about its originated channel (both halves).
     fn recorded(name: &str) -> Vec<(AriEvent, Half)> {
-        let path = format!("{}/tests/transcripts/{name}.jsonl", env!("CARGO_MANIFEST_DIR"));
+        // Cargo sets the package's directory when it runs the tests; the one compiled in is
+        // the fallback for a test binary run by hand.
+        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned());
+        let path = format!("{dir}/tests/transcripts/{name}.jsonl");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("the recording {path}: {e}"));
         let mut id = None;
         let mut events = Vec::new();
