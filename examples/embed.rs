@@ -49,8 +49,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    let call = manager.originate(CallRequest::to(number)).await?;
-    println!("placed call {} to {}", call.call_id, call.phone_number);
+    let call = manager.originate(CallRequest::to(number)).await?.call;
+    println!("placed call {} to {}", call.call_id, call.spec.phone_number);
     let mut updates = manager.watch(call.call_id).await?;
     let mut shown = 0;
     while let Some(call) = tokio::time::timeout(Duration::from_secs(120), updates.next()).await? {

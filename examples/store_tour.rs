@@ -16,7 +16,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let call = Call::new(CallId::new(), new_call("+15550000001"), now());
     store.insert(&call).await?;
-    println!("accepted {} for {} as {}", call.call_id, call.phone_number, call.status);
+    println!("accepted {} for {} as {}", call.call_id, call.spec.phone_number, call.status);
 
     // What the call manager would apply as ARI's events come in.
     let steps = [
@@ -42,7 +42,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let page = store.list(&CallQuery { limit: 5, ..CallQuery::default() }).await?;
     println!("\n{} most recent calls in this store:", page.calls.len());
     for call in page.calls {
-        println!("  {}  {}  {}", call.created_at, call.phone_number, call.status);
+        println!("  {}  {}  {}", call.created_at, call.spec.phone_number, call.status);
     }
     Ok(())
 }

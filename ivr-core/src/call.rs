@@ -255,7 +255,8 @@ pub enum FailureReason {
     Unreachable,
     /// Asterisk refused the originate.
     OriginateFailed,
-    /// Asterisk no longer knows the channel and its end was never seen.
+    /// What became of the call was not seen: Asterisk no longer knows its channel and its end
+    /// was never heard, or Asterisk could not be reached to place it.
     Lost,
 }
 
@@ -311,15 +312,19 @@ pub struct Hangup {
     pub text: String,
 }
 
-/// What a request asks for; [`Call::new`] turns it into a `pending` call.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct NewCall {
+/// What a call is to be: a request with every default applied and every field checked
+/// (`CallManager` validates it). [`Call::new`] turns it into a `pending` call, which keeps it
+/// whole as [`Call::spec`]; the stores write and read it with one helper each.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallSpec {
     pub phone_number: PhoneNumber,
     pub context: String,
     pub extension: String,
     pub priority: u32,
     pub caller_id: Option<String>,
-    /// Seconds of ringing before Asterisk gives up (ARI's originate `timeout`).
+    /// Seconds of ringing before Asterisk gives up (ARI's originate `timeout`; `timeout` in
+    /// the JSON, as in the request).
+    #[serde(rename = "timeout")]
     pub timeout_secs: u32,
     /// Media to play once answered (e.g. `sound:hello-world`) instead of continuing in the dialplan.
     pub audio: Option<String>,
@@ -328,6 +333,13 @@ pub struct NewCall {
     /// Attempts allowed in all (1 = no retry).
     pub max_attempts: u32,
     pub idempotency_key: Option<String>,
+}
+
+impl CallSpec {
+    /// How long Asterisk lets the callee ring.
+    pub fn ring_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(u64::from(self.timeout_secs))
+    }
 }
 
 /// One entry of a call's history: the status it reached, when, and what caused it.
@@ -348,19 +360,19 @@ pub struct TransitionRecord {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Call {
     pub call_id: CallId,
-    pub phone_number: PhoneNumber,
+    /// What was asked for, defaults applied.
+    #[serde(flatten)]
+    pub spec: CallSpec,
     pub status: CallStatus,
     /// The ARI channel name (e.g. `PJSIP/+15550000001@trunk-00000001`) once Asterisk gave one.
     pub channel: Option<String>,
-    pub context: String,
-    pub extension: String,
-    pub priority: u32,
-    pub caller_id: Option<String>,
-    pub timeout_secs: u32,
-    pub audio: Option<String>,
-    pub variables: BTreeMap<String, String>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
+    /// When the originate of the current attempt was first sent to Asterisk. `None` while the
+    /// call waits in the queue (never sent, so it may be dialled without any risk of a double
+    /// dial); once set, whether Asterisk took it is known only from Asterisk.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub sent_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub dialed_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
@@ -373,8 +385,6 @@ pub struct Call {
     pub hangup: Option<Hangup>,
     /// 1-based number of the current (or last) attempt.
     pub attempt_number: u32,
-    pub max_attempts: u32,
-    pub idempotency_key: Option<String>,
     /// Every transition in order, the first being the call's acceptance as `pending`.
     pub history: Vec<TransitionRecord>,
 }
@@ -391,6 +401,9 @@ pub(crate) fn truncate_to_micros(t: OffsetDateTime) -> OffsetDateTime {
 /// Where a transition wants to move a call.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
+    /// The originate of the current attempt is about to be sent (the call leaves the queue).
+    /// The call stays `pending`; [`Call::sent_at`] records it.
+    Sent,
     /// Asterisk accepted the originate.
     Dialing,
     Ringing,
@@ -453,25 +466,22 @@ pub enum Ignored {
     NotForward { current: CallStatus, requested: CallStatus },
     #[error("the transition is for attempt {requested} but the call is on attempt {current}")]
     StaleAttempt { current: u32, requested: u32 },
+    #[error("the originate of this attempt was already sent")]
+    AlreadySent,
 }
 
 impl Call {
     /// A call accepted as `pending`, its history starting with that acceptance.
-    pub fn new(call_id: CallId, request: NewCall, created_at: OffsetDateTime) -> Self {
+    pub fn new(call_id: CallId, mut spec: CallSpec, created_at: OffsetDateTime) -> Self {
         let created_at = truncate_to_micros(created_at);
+        spec.max_attempts = spec.max_attempts.max(1);
         Call {
             call_id,
-            phone_number: request.phone_number,
+            spec,
             status: CallStatus::Pending,
             channel: None,
-            context: request.context,
-            extension: request.extension,
-            priority: request.priority,
-            caller_id: request.caller_id,
-            timeout_secs: request.timeout_secs,
-            audio: request.audio,
-            variables: request.variables,
             created_at,
+            sent_at: None,
             dialed_at: None,
             ringing_at: None,
             answered_at: None,
@@ -479,8 +489,6 @@ impl Call {
             failure_reason: None,
             hangup: None,
             attempt_number: 1,
-            max_attempts: request.max_attempts.max(1),
-            idempotency_key: request.idempotency_key,
             history: vec![TransitionRecord {
                 status: CallStatus::Pending,
                 at: created_at,
@@ -506,6 +514,11 @@ impl Call {
         Some(talk.as_seconds_f64())
     }
 
+    /// Waiting in the queue: pending with the current attempt's originate never sent.
+    pub fn is_queued(&self) -> bool {
+        self.status == CallStatus::Pending && self.sent_at.is_none()
+    }
+
     /// The ARI channel id of the current attempt.
     pub fn channel_id(&self) -> String {
         self.call_id.channel_id(self.attempt_number)
@@ -528,6 +541,14 @@ impl Call {
         }
         let at = truncate_to_micros(t.at);
         let requested = match t.step {
+            Step::Sent => {
+                if self.status != CallStatus::Pending || self.sent_at.is_some() {
+                    return Err(Ignored::AlreadySent);
+                }
+                self.sent_at = Some(at);
+                self.record(CallStatus::Pending, at, None, &t.cause);
+                return Ok(());
+            }
             Step::Dialing => CallStatus::Dialing,
             Step::Ringing => CallStatus::Ringing,
             Step::Answered => CallStatus::Answered,
@@ -542,6 +563,7 @@ impl Call {
         self.note_channel(t);
         // Reaching any of these means Asterisk took the originate, even if its response is
         // still on the way.
+        self.sent_at.get_or_insert(at);
         self.dialed_at.get_or_insert(at);
         match requested {
             CallStatus::Ringing => self.ringing_at = Some(at),
@@ -559,7 +581,7 @@ impl Call {
             self.record(CallStatus::Completed, at, None, &t.cause);
             return;
         }
-        if reason.is_retryable() && self.attempt_number < self.max_attempts {
+        if reason.is_retryable() && self.attempt_number < self.spec.max_attempts {
             self.history.push(TransitionRecord {
                 status: CallStatus::Failed,
                 at,
@@ -569,10 +591,11 @@ impl Call {
             });
             self.attempt_number += 1;
             self.channel = None;
+            self.sent_at = None;
             self.dialed_at = None;
             self.ringing_at = None;
             self.hangup = None;
-            let cause = format!("retry after {reason} (attempt {} of {})", self.attempt_number, self.max_attempts);
+            let cause = format!("retry after {reason} (attempt {} of {})", self.attempt_number, self.spec.max_attempts);
             self.record(CallStatus::Pending, at, None, &cause);
             return;
         }
@@ -606,8 +629,8 @@ impl Call {
 mod tests {
     use super::*;
 
-    fn request(max_attempts: u32) -> NewCall {
-        NewCall {
+    fn request(max_attempts: u32) -> CallSpec {
+        CallSpec {
             phone_number: PhoneNumber::parse("+15550000001").unwrap(),
             context: "ivr-menu".into(),
             extension: "s".into(),

@@ -29,6 +29,16 @@ pub enum Error {
     #[error("too many active calls: the limit is {limit}")]
     TooManyActiveCalls { limit: usize },
 
+    /// The queue of calls waiting for the calls-per-second limit is full; try again after
+    /// `retry_after`, about the time the queue takes to drain.
+    #[error("the queue of calls waiting to be dialled is full: the limit is {limit}")]
+    QueueFull { limit: usize, retry_after: std::time::Duration },
+
+    /// An idempotency key already used for another request: the stored call was asked for with
+    /// other values in `fields`. Nothing is dialled.
+    #[error("the idempotency key was used for call {call_id} with a different request (differing: {})", fields.join(", "))]
+    IdempotencyKeyReused { call_id: CallId, fields: Vec<String> },
+
     /// The call has ended; there is nothing to cancel.
     #[error("call {call_id} already ended as {status}")]
     NotCancelable { call_id: CallId, status: CallStatus },
@@ -37,6 +47,11 @@ pub enum Error {
     /// can still be read.
     #[error("Asterisk refused the call: {source}")]
     OriginateFailed { call: Box<Call>, source: AriError },
+
+    /// Asterisk could not be reached to place the call (no answer within the originate retry
+    /// window). Whether it was placed is unknown, so the call is stored `failed` as `lost`.
+    #[error("Asterisk could not be reached to place the call: {source}")]
+    AsteriskUnreachable { call: Box<Call>, source: AriError },
 
     /// Asterisk refused or failed a request, or could not be reached.
     #[error(transparent)]

@@ -22,9 +22,9 @@ pub mod manager;
 pub mod store;
 
 pub use call::{
-    Call, CallId, CallStatus, FailureReason, Hangup, Ignored, NewCall, PhoneNumber, PhoneNumberError, Step, Transition,
-    TransitionRecord,
+    Call, CallId, CallSpec, CallStatus, FailureReason, Hangup, Ignored, PhoneNumber, PhoneNumberError, Step,
+    Transition, TransitionRecord,
 };
 pub use error::{BoxError, Conflict, Error, Result};
-pub use manager::{CallManager, CallRequest, CallUpdates, ManagerSettings};
+pub use manager::{CallManager, CallRequest, CallUpdates, ManagerSettings, Originated};
 pub use store::{Applied, CallPage, CallQuery, CallStore, Cursor, MemoryCallStore, SqlCallStore};

@@ -129,8 +129,15 @@ fn settings(template: &str) -> ManagerSettings {
         endpoint_template: template.into(),
         default_caller_id: Some("\"IVR Test\" <+15559990000>".into()),
         retry_delay: Duration::from_millis(20),
+        // The tests dial as fast as they can; pacing has tests of its own.
+        max_calls_per_second: 0,
         ..ManagerSettings::default()
     }
+}
+
+/// Places a call and returns it as `originate` left it.
+async fn originate(manager: &CallManager, request: CallRequest) -> ivr_core::Result<Call> {
+    manager.originate(request).await.map(|placed| placed.call)
 }
 
 fn to(number: &str) -> CallRequest {
@@ -170,8 +177,12 @@ fn check(store: &str, scenario: &str, call: &Call, expect: &Expect) {
     assert_eq!(statuses.last(), Some(&expect.status), "{what}");
     assert_eq!(statuses.contains(&CallStatus::Ringing), expect.rang, "{what}");
     assert_eq!(statuses.contains(&CallStatus::Answered), expect.answered, "{what}");
+    // `pending` twice at most: accepted, then sent to Asterisk.
     let order = |s: &CallStatus| CallStatus::ALL.iter().position(|x| x == s).unwrap().min(4);
-    assert!(statuses.windows(2).all(|w| order(&w[0]) < order(&w[1])), "history in order: {statuses:?}");
+    let pending = statuses.iter().take_while(|s| **s == CallStatus::Pending).count();
+    assert!(pending <= 2, "accepted and sent: {statuses:?}");
+    let rest = &statuses[pending - 1..];
+    assert!(rest.windows(2).all(|w| order(&w[0]) < order(&w[1])), "history in order: {statuses:?}");
 }
 
 /// Runs one scenario on every store kind: `act` may act on the live call before its end.
@@ -182,7 +193,7 @@ where
 {
     for (store_name, store, _dir) in stores().await {
         let rig = Rig::start(store, settings(template)).await;
-        let call = within("originate", rig.manager.originate(request.clone())).await.expect("originate");
+        let call = within("originate", originate(&rig.manager, request.clone())).await.expect("originate");
         let (rig, call) = act(rig, call).await;
         let end = rig.end_of(&call).await;
         check(store_name, name, &end, &expect);
@@ -248,7 +259,7 @@ async fn bad_endpoints_fail_the_originate_and_keep_the_call() {
     for (template, status) in [("Foo/{number}", 500), ("nobody{number}", 400), ("PJSIP/{number}", 500)] {
         for (store_name, store, _dir) in stores().await {
             let rig = Rig::start(store, settings(template)).await;
-            let err = within("originate", rig.manager.originate(to("+15550000001"))).await.unwrap_err();
+            let err = within("originate", originate(&rig.manager, to("+15550000001"))).await.unwrap_err();
             let Error::OriginateFailed { call, source } = err else {
                 panic!("{template}: expected OriginateFailed, got {err}")
             };
@@ -288,7 +299,7 @@ async fn play_missing_sound_hangs_up_and_keeps_the_failure() {
     let request = CallRequest { audio: Some("sound:no-such-sound-xyz".into()), ..to("+15550000007") };
     for (store_name, store, _dir) in stores().await {
         let rig = Rig::start(store, settings(LOCAL)).await;
-        let call = within("originate", rig.manager.originate(request.clone())).await.unwrap();
+        let call = within("originate", originate(&rig.manager, request.clone())).await.unwrap();
         let end = rig.end_of(&call).await;
         check(store_name, "play_missing_sound", &end, &completed(true));
         let last = &end.history.last().unwrap().cause;
@@ -336,7 +347,7 @@ async fn callee_down_pjsip() {
         fake.set_plan("+15550000008", CalleePlan::Unreachable);
         let rig = Rig::start_on(fake, store, settings(PJSIP)).await;
         let request = CallRequest { timeout_secs: Some(10), ..to("+15550000008") };
-        let call = within("originate", rig.manager.originate(request)).await.unwrap();
+        let call = within("originate", originate(&rig.manager, request)).await.unwrap();
         let end = rig.end_of(&call).await;
         check(store_name, "callee_down_pjsip", &end, &failed(FailureReason::NoAnswer, false, Some(19)));
         rig.stop().await;
@@ -348,7 +359,7 @@ async fn early_events_are_applied_before_the_originate_returns() {
     let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
     // The answer to the originate comes after the whole short call has happened.
     rig.fake.set_originate_delay(Duration::from_millis(200));
-    let call = within("originate", rig.manager.originate(to("+15550000006"))).await.unwrap();
+    let call = within("originate", originate(&rig.manager, to("+15550000006"))).await.unwrap();
     assert_eq!(call.status, CallStatus::Failed, "the call ended before its originate returned");
     check("memory", "early events", &call, &failed(FailureReason::Rejected, false, Some(21)));
     rig.stop().await;
@@ -361,11 +372,21 @@ async fn an_idempotent_retry_never_dials_twice() {
         let request = CallRequest { idempotency_key: Some("order-1".into()), ..to("+15550000004") };
         let first = within("first", rig.manager.originate(request.clone())).await.unwrap();
         let again = within("again", rig.manager.originate(request.clone())).await.unwrap();
-        assert_eq!(again.call_id, first.call_id, "{store_name}");
+        assert!(!first.replayed && again.replayed, "{store_name}: the second is a replay");
+        assert_eq!(again.call.call_id, first.call.call_id, "{store_name}");
         assert_eq!(rig.fake.originate_count(), 1, "{store_name}: one POST /channels");
+        // The same key with another request: refused, naming what differs; nothing dialled.
+        let other = CallRequest { timeout_secs: Some(7), ..request.clone() };
+        match within("reused", rig.manager.originate(other)).await {
+            Err(Error::IdempotencyKeyReused { call_id, fields }) => {
+                assert_eq!((call_id, fields), (first.call.call_id, vec!["timeout".to_owned()]), "{store_name}")
+            }
+            other => panic!("{store_name}: expected IdempotencyKeyReused, got {other:?}"),
+        }
+        assert_eq!(rig.fake.originate_count(), 1, "{store_name}: still one POST /channels");
         // Ten at once, too.
         let racing = CallRequest { idempotency_key: Some("order-2".into()), ..to("+15550000004") };
-        let calls = join_all((0..10).map(|_| rig.manager.originate(racing.clone()))).await;
+        let calls = join_all((0..10).map(|_| originate(&rig.manager, racing.clone()))).await;
         let ids: std::collections::HashSet<_> = calls.into_iter().map(|c| c.unwrap().call_id).collect();
         assert_eq!(ids.len(), 1, "{store_name}: one call for one key");
         assert_eq!(rig.fake.originate_count(), 2, "{store_name}: one more POST /channels");
@@ -380,7 +401,7 @@ async fn cancel_in_every_state() {
     // Pending, between two attempts: the cancel ends it, and the retry never dials.
     let patient = ManagerSettings { retry_delay: Duration::from_secs(3600), ..settings(LOCAL) };
     let waiting = Rig::start(Arc::new(MemoryCallStore::new()), patient).await;
-    let call = waiting.manager.originate(CallRequest { max_attempts: Some(2), ..to("+15550000002") }).await.unwrap();
+    let call = originate(&waiting.manager, CallRequest { max_attempts: Some(2), ..to("+15550000002") }).await.unwrap();
     within("back to pending for attempt 2", async {
         loop {
             let now = waiting.manager.get(call.call_id).await.unwrap().unwrap();
@@ -403,7 +424,7 @@ async fn cancel_in_every_state() {
         ("+15550000004", Some(CallStatus::Ringing), failed(FailureReason::Canceled, true, Some(16))),
         ("+15550000007", Some(CallStatus::Answered), completed(true)),
     ] {
-        let call = within("originate", rig.manager.originate(to(number))).await.unwrap();
+        let call = within("originate", originate(&rig.manager, to(number))).await.unwrap();
         if let Some(status) = wait_for {
             rig.until_status(&call, status).await;
         }
@@ -413,7 +434,7 @@ async fn cancel_in_every_state() {
     }
 
     // Ended: a clear error.
-    let call = within("originate", rig.manager.originate(to("+15550000006"))).await.unwrap();
+    let call = within("originate", originate(&rig.manager, to("+15550000006"))).await.unwrap();
     let end = rig.end_of(&call).await;
     match rig.manager.cancel(call.call_id).await {
         Err(Error::NotCancelable { status, .. }) => assert_eq!(status, end.status),
@@ -427,7 +448,7 @@ async fn cancel_in_every_state() {
 async fn a_dropped_websocket_mid_call_loses_nothing() {
     for (store_name, store, _dir) in stores().await {
         let rig = Rig::start(store, settings(LOCAL)).await;
-        let call = within("originate", rig.manager.originate(to("+15550000001"))).await.unwrap();
+        let call = within("originate", originate(&rig.manager, to("+15550000001"))).await.unwrap();
         rig.until_status(&call, CallStatus::Ringing).await;
         rig.fake.drop_websockets();
         let end = rig.end_of(&call).await;
@@ -444,7 +465,7 @@ async fn an_asterisk_restart_ends_every_call_that_was_up() {
     let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
     let mut calls = Vec::new();
     for number in ["+15550000007", "+15550000007", "+15550000004"] {
-        calls.push(within("originate", rig.manager.originate(to(number))).await.unwrap());
+        calls.push(within("originate", originate(&rig.manager, to(number))).await.unwrap());
     }
     rig.until_status(&calls[0], CallStatus::Answered).await;
     rig.until_status(&calls[1], CallStatus::Answered).await;
@@ -466,7 +487,7 @@ async fn a_missed_end_is_settled_by_the_deadline() {
         ..settings(LOCAL)
     };
     let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings).await;
-    let call = within("originate", rig.manager.originate(to("+15550000007"))).await.unwrap();
+    let call = within("originate", originate(&rig.manager, to("+15550000007"))).await.unwrap();
     rig.until_status(&call, CallStatus::Answered).await;
     // Asterisk forgets the channel and says nothing: a crash on its side.
     rig.fake.vanish(&call.call_id.to_string());
@@ -486,7 +507,7 @@ async fn a_ringing_call_whose_end_is_missed_is_settled_after_its_ring_timeout() 
     // Recorded timings here: the manager's deadline and the fake's ring run on one clock.
     let fake = FakeAsterisk::start_with(FakeConfig::default()).await.unwrap();
     let rig = Rig::start_on(fake, Arc::new(MemoryCallStore::new()), settings).await;
-    let call = rig.manager.originate(CallRequest { timeout_secs: Some(1), ..to("+15550000004") }).await.unwrap();
+    let call = originate(&rig.manager, CallRequest { timeout_secs: Some(1), ..to("+15550000004") }).await.unwrap();
     rig.until_status(&call, CallStatus::Ringing).await;
     rig.fake.vanish(&call.call_id.to_string());
     let end = rig.end_of(&call).await;
@@ -578,7 +599,7 @@ async fn a_store_outage_delays_the_calls_transitions_but_loses_none() {
     fake.set_plan("+15550000052", CalleePlan::Busy { ring: Duration::from_secs(10) });
     let store = Arc::new(FlakyStore::default());
     let rig = Rig::start_on(fake, store.clone(), settings(LOCAL)).await;
-    let call = within("originate", rig.manager.originate(to("+15550000052"))).await.unwrap();
+    let call = within("originate", originate(&rig.manager, to("+15550000052"))).await.unwrap();
     store.down.store(true, std::sync::atomic::Ordering::SeqCst);
 
     // The callee rings, is busy, and the channels are gone, all while the store is down.
@@ -601,15 +622,15 @@ async fn a_store_outage_delays_the_calls_transitions_but_loses_none() {
 async fn the_concurrency_cap_refuses_clearly() {
     let rig =
         Rig::start(Arc::new(MemoryCallStore::new()), ManagerSettings { max_active_calls: 2, ..settings(LOCAL) }).await;
-    let a = rig.manager.originate(to("+15550000004")).await.unwrap();
-    let _b = rig.manager.originate(to("+15550000004")).await.unwrap();
-    match rig.manager.originate(to("+15550000004")).await {
+    let a = originate(&rig.manager, to("+15550000004")).await.unwrap();
+    let _b = originate(&rig.manager, to("+15550000004")).await.unwrap();
+    match originate(&rig.manager, to("+15550000004")).await {
         Err(e @ Error::TooManyActiveCalls { limit: 2 }) => assert!(e.to_string().contains("limit is 2")),
         other => panic!("expected the cap, got {other:?}"),
     }
     rig.manager.cancel(a.call_id).await.unwrap();
     rig.end_of(&a).await;
-    rig.manager.originate(to("+15550000004")).await.expect("room again after a call ended");
+    originate(&rig.manager, to("+15550000004")).await.expect("room again after a call ended");
     assert_eq!(metric(&rig.registry, "ivr_originations_total"), 4.0, "three placed and one refused");
     rig.stop().await;
 }
@@ -617,7 +638,7 @@ async fn the_concurrency_cap_refuses_clearly() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_place_a_new_attempt_after_a_busy_one() {
     let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
-    let call = rig.manager.originate(CallRequest { max_attempts: Some(2), ..to("+15550000002") }).await.unwrap();
+    let call = originate(&rig.manager, CallRequest { max_attempts: Some(2), ..to("+15550000002") }).await.unwrap();
     let end = rig.end_of(&call).await;
     assert_eq!(
         (end.status, end.failure_reason, end.attempt_number),
@@ -647,13 +668,19 @@ async fn a_thousand_concurrent_calls_each_reach_their_end() {
         join_all((0..1000).map(|i| {
             let manager = rig.manager.clone();
             let (number, status, reason) = plan[i % plan.len()];
-            async move { (manager.originate(to(number)).await.expect("originate"), status, reason) }
+            async move { (originate(&manager, to(number)).await.expect("originate"), status, reason) }
         })),
     )
     .await;
     let ends = within("1000 ends", join_all(placed.iter().map(|(call, _, _)| rig.end_of(call)))).await;
     for ((_, status, reason), end) in placed.iter().zip(&ends) {
-        assert_eq!((end.status, end.failure_reason), (*status, *reason), "{}: {:?}", end.phone_number, end.history);
+        assert_eq!(
+            (end.status, end.failure_reason),
+            (*status, *reason),
+            "{}: {:?}",
+            end.spec.phone_number,
+            end.history
+        );
     }
     assert_eq!(rig.manager.active_calls(), 0);
     rig.stop().await;
@@ -666,4 +693,198 @@ fn metric(registry: &Registry, name: &str) -> f64 {
         .filter(|family| family.name() == name)
         .flat_map(|family| family.get_metric().iter().map(|m| m.get_counter().get_value()))
         .sum()
+}
+
+/// The value of one labelled counter (`label="value"`) of a family.
+fn metric_with(registry: &Registry, name: &str, label: &str, value: &str) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|family| family.name() == name)
+        .flat_map(|family| family.get_metric().iter())
+        .filter(|m| m.get_label().iter().any(|l| l.name() == label && l.value() == value))
+        .map(|m| m.get_counter().get_value())
+        .sum()
+}
+
+/// A store whose `list_active` (what a reconcile reads first) is slow, and counted.
+struct SlowListing {
+    inner: MemoryCallStore,
+    listings: std::sync::atomic::AtomicUsize,
+    delay: Duration,
+}
+
+#[async_trait::async_trait]
+impl CallStore for SlowListing {
+    async fn insert(&self, call: &Call) -> ivr_core::Result<()> {
+        self.inner.insert(call).await
+    }
+    async fn get(&self, call_id: ivr_core::CallId) -> ivr_core::Result<Option<Call>> {
+        self.inner.get(call_id).await
+    }
+    async fn get_by_idempotency_key(&self, key: &str) -> ivr_core::Result<Option<Call>> {
+        self.inner.get_by_idempotency_key(key).await
+    }
+    async fn apply(&self, call_id: ivr_core::CallId, transition: &Transition) -> ivr_core::Result<ivr_core::Applied> {
+        self.inner.apply(call_id, transition).await
+    }
+    async fn list(&self, query: &ivr_core::CallQuery) -> ivr_core::Result<ivr_core::CallPage> {
+        self.inner.list(query).await
+    }
+    async fn list_active(&self) -> ivr_core::Result<Vec<Call>> {
+        self.listings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(self.delay).await;
+        self.inner.list_active().await
+    }
+    async fn ping(&self) -> ivr_core::Result<()> {
+        self.inner.ping().await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_asks_during_a_slow_one_coalesce_into_one_more() {
+    let store = Arc::new(SlowListing {
+        inner: MemoryCallStore::new(),
+        listings: Default::default(),
+        delay: Duration::from_millis(300),
+    });
+    let listings = || store.listings.load(std::sync::atomic::Ordering::SeqCst);
+    let until = |n: usize| async move {
+        within("a reconcile starts", async {
+            while listings() < n {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+    };
+    let rig = Rig::start(store.clone(), settings(LOCAL)).await;
+    until(1).await; // the one after connecting
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(listings(), 1);
+
+    rig.manager.reconcile_soon();
+    until(2).await;
+    // Ten asks while that one is still reading the store.
+    for _ in 0..10 {
+        rig.manager.reconcile_soon();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(listings(), 3, "the slow one, then exactly one more for the ten asks");
+    assert_eq!(metric(&rig.registry, "ivr_reconcile_runs_total"), 3.0);
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_active_calls_are_reconciled_with_one_listing() {
+    let fake = FakeAsterisk::start_with(fast()).await.unwrap();
+    fake.set_plan(
+        "+15550000042",
+        CalleePlan::LongCall { ring: Duration::from_millis(100), talk: Duration::from_secs(3600) },
+    );
+    let rig = Rig::start_on(fake, Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
+    let mut calls = Vec::new();
+    for _ in 0..20 {
+        calls.push(within("originate", originate(&rig.manager, to("+15550000042"))).await.unwrap());
+    }
+    for call in &calls {
+        rig.until_status(call, CallStatus::Answered).await;
+    }
+    let before = metric_with(&rig.registry, "ivr_reconcile_requests_total", "request", "get");
+    rig.fake.drop_websockets();
+    within("the reconcile after the reconnect", async {
+        while metric_with(&rig.registry, "ivr_reconcile_requests_total", "request", "list") < 1.0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    assert_eq!(metric_with(&rig.registry, "ivr_reconcile_requests_total", "request", "get"), before, "no GET per call");
+    // The listing found every call up: none was ended for it.
+    for call in &calls {
+        assert_eq!(rig.manager.get(call.call_id).await.unwrap().unwrap().status, CallStatus::Answered);
+    }
+    for call in &calls {
+        within("cancel", rig.manager.cancel(call.call_id)).await.unwrap();
+        let end = rig.end_of(call).await;
+        assert_eq!(end.status, CallStatus::Completed, "{:?}", end.history);
+    }
+    rig.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queued_calls_resume_in_order_after_a_restart_and_none_is_dialled_twice() {
+    let fake = FakeAsterisk::start_with(fast()).await.unwrap();
+    let store: Arc<dyn CallStore> = Arc::new(MemoryCallStore::new());
+    // One call a second: the first is dialled at once, the other four wait.
+    let paced = ManagerSettings { max_calls_per_second: 1, ..settings(LOCAL) };
+    let first = Rig::start_on(fake.clone(), store.clone(), paced).await;
+    let mut calls = Vec::new();
+    for _ in 0..5 {
+        calls.push(within("originate", originate(&first.manager, to("+15550000005"))).await.unwrap());
+    }
+    assert!(calls[1..].iter().all(|c| c.is_queued()), "{:?}", calls.iter().map(|c| c.status).collect::<Vec<_>>());
+    assert_eq!(first.manager.queued_calls(), 4);
+    first.stop().await; // the process stops with four calls never sent
+
+    for call in &calls[1..] {
+        assert!(store.get(call.call_id).await.unwrap().unwrap().is_queued(), "still queued in the store");
+    }
+    let second =
+        Rig::start_on(fake, store.clone(), ManagerSettings { max_calls_per_second: 20, ..settings(LOCAL) }).await;
+    let mut sent = Vec::new();
+    for call in &calls {
+        let end = second.end_of(call).await;
+        assert_eq!(end.status, CallStatus::Completed, "{:?}", end.history);
+        sent.push(end.sent_at.expect("sent"));
+    }
+    assert!(sent[1..].windows(2).all(|w| w[0] < w[1]), "resumed in the order they were accepted: {sent:?}");
+    assert_eq!(second.fake.originate_count(), 5, "each dialled once");
+    second.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_originate_whose_answer_is_lost_is_sent_again_and_a_409_means_placed() {
+    let fake = FakeAsterisk::start_with(fast()).await.unwrap();
+    let rig = {
+        let mut ari = AriConfig::new(fake.http_url(), fake.username(), fake.password(), fake.app());
+        // The first answer comes too late: the client gives up on it, the channel exists.
+        ari.request_timeout = Duration::from_millis(150);
+        ari.reconnect_min = Duration::from_millis(20);
+        let registry = Registry::new();
+        let store: Arc<dyn CallStore> = Arc::new(MemoryCallStore::new());
+        let manager = CallManager::new(AriClient::new(ari).unwrap(), store, settings(LOCAL), &registry).unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let runner = tokio::spawn({
+            let manager = manager.clone();
+            async move { manager.run(async { stopped.await.unwrap_or(()) }).await.expect("run") }
+        });
+        let rig = Rig { fake, manager, registry, stop: Some(stop), runner };
+        rig.until_connected().await;
+        rig
+    };
+    rig.fake.set_originate_delay(Duration::from_millis(400));
+    let placing = tokio::spawn({
+        let manager = rig.manager.clone();
+        async move { originate(&manager, to("+15550000004")).await }
+    });
+    // The first send is in flight (the channel exists); the next gets its answer at once.
+    within("the first send", async {
+        while rig.fake.originate_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    rig.fake.set_originate_delay(Duration::ZERO);
+    let call = within("originate", placing).await.unwrap().expect("placed");
+    assert_ne!(call.status, CallStatus::Failed, "{:?}", call.history);
+    assert_eq!(rig.fake.originate_count(), 2, "sent again once, answered 409: placed");
+    assert_eq!(rig.fake.channel_ids().len(), 2, "one Local pair, not two");
+    assert_eq!(metric_with(&rig.registry, "ivr_ari_errors_total", "kind", "timeout"), 1.0);
+    let end = rig.end_of(&call).await;
+    assert_eq!(
+        (end.status, end.failure_reason),
+        (CallStatus::Failed, Some(FailureReason::NoAnswer)),
+        "{:?}",
+        end.history
+    );
+    rig.stop().await;
 }

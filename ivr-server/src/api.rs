@@ -1,14 +1,11 @@
 //! The handlers. [`handle`] resolves the route, checks the token where one is needed, and
 //! turns every failure into a problem answer: nothing reaches hyper as an error.
 
-use std::collections::BTreeMap;
-
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, PRAGMA};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
 use ivr_core::{CallId, CallQuery, CallRequest, CallStatus, Cursor, PhoneNumber};
-use serde::Deserialize;
 use serde_json::json;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
@@ -180,67 +177,45 @@ async fn token(state: &AppState, parts: &Parts, body: hyper::body::Bytes) -> Res
     Ok(response)
 }
 
-/// The JSON body of a call creation. Every field is optional but `phone_number` on
-/// `POST /api/v1/calls`; unknown fields are refused.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CallBody {
-    pub phone_number: Option<String>,
-    pub context: Option<String>,
-    pub extension: Option<String>,
-    pub priority: Option<u32>,
-    /// Seconds of ringing before giving up.
-    pub timeout: Option<u32>,
-    pub caller_id: Option<String>,
-    pub audio: Option<String>,
-    pub variables: Option<BTreeMap<String, String>>,
-    pub max_attempts: Option<u32>,
-}
-
+/// `POST /api/v1/calls` and the interaction route: the body is the engine's [`CallRequest`]
+/// (every field optional but `phone_number` on `POST /api/v1/calls`; unknown fields refused),
+/// the idempotency key a header.
 async fn create_call(
     state: &AppState,
     parts: &Parts,
     bytes: &[u8],
     path_number: Option<String>,
 ) -> Result<Response<Body>, Problem> {
-    let started = ivr_core::call::now();
-    let call_body: CallBody = if bytes.iter().all(u8::is_ascii_whitespace) {
+    let mut request: CallRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
         if path_number.is_none() {
             return Err(Problem::bad_request("a JSON body with phone_number is required"));
         }
-        CallBody::default()
+        CallRequest::default()
     } else {
         body::require_media_type(&parts.headers, "application/json")?;
         serde_json::from_slice(bytes).map_err(|e| Problem::bad_request(format!("invalid JSON body: {e}")))?
     };
-    let number = match (path_number, call_body.phone_number) {
+    match (path_number, &request.phone_number) {
         (Some(_), Some(_)) => {
             return Err(Problem::bad_request("phone_number is given in the path; leave it out of the body"))
         }
-        (Some(n), None) | (None, Some(n)) => n,
+        (Some(n), None) => request.phone_number = Some(n),
+        (None, Some(_)) => {}
         (None, None) => return Err(Problem::bad_request("phone_number is required")),
-    };
-    let phone_number = PhoneNumber::parse(&number).map_err(ivr_core::Error::from)?;
-    state.check_destination(&phone_number)?;
-    let request = CallRequest {
-        phone_number: Some(phone_number),
-        context: call_body.context,
-        extension: call_body.extension,
-        priority: call_body.priority,
-        timeout_secs: call_body.timeout,
-        caller_id: call_body.caller_id,
-        audio: call_body.audio,
-        variables: call_body.variables.unwrap_or_default(),
-        max_attempts: call_body.max_attempts,
-        idempotency_key: idempotency_key(parts)?,
-    };
-    let call = state.manager().originate(request).await?;
-    let mut response = body::json(StatusCode::CREATED, &CreatedView::from(&call));
+    }
+    if let Some(number) = &request.phone_number {
+        // The destination policy, before anything reaches the engine (and Asterisk).
+        state.check_destination(&PhoneNumber::parse(number).map_err(ivr_core::Error::from)?)?;
+    }
+    request.idempotency_key = idempotency_key(parts)?;
+    let placed = state.manager().originate(request).await?;
+    let call = &placed.call;
+    let mut response = body::json(StatusCode::CREATED, &CreatedView::from(call));
     let location = format!("/api/v1/calls/{}", call.call_id);
     if let Ok(value) = HeaderValue::from_str(&location) {
         response.headers_mut().insert(LOCATION, value);
     }
-    if call.created_at < started {
+    if placed.replayed {
         // An earlier request with the same Idempotency-Key made this call.
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
     }

@@ -23,12 +23,14 @@ pub const KINDS: &[(&str, &str, u16, &str)] = &[
     ("request-timeout", "Request timeout", 408, "The request body did not arrive in time; the connection is closed."),
     ("not-cancelable", "Call already ended", 409, "The call has ended: there is nothing to cancel."),
     ("conflict", "Conflict", 409, "The request collides with a stored call."),
+    ("idempotency-key-reused", "Idempotency key reused", 422, "The Idempotency-Key was used before for a different request (another number or body); nothing was dialled. Use a new key for a new call."),
     ("payload-too-large", "Payload too large", 413, "The body is larger than the API accepts."),
     ("unsupported-media-type", "Unsupported media type", 415, "The body's Content-Type is not the one this route reads."),
     ("too-many-login-attempts", "Too many login attempts", 429, "Too many failed logins from this address or for this username; retry after `Retry-After` seconds."),
     ("internal", "Internal error", 500, "The server found stored data it cannot read. This is logged."),
     ("ari-failed", "Asterisk failed", 502, "Asterisk refused the request or could not be reached. A call it refused is stored as failed and can be read by its `call_id`."),
     ("too-many-active-calls", "Too many active calls", 503, "The limit of calls not yet ended is reached; retry after `Retry-After` seconds."),
+    ("queue-full", "Queue full", 503, "The calls-per-second limit holds back more calls than the queue may hold; retry after `Retry-After` seconds."),
     ("store-unavailable", "Store unavailable", 503, "The database could not be reached or did not answer in time."),
     ("database-required", "Database required", 503, "This feature needs a database, and the server runs with DISABLE_DB=true."),
     ("too-many-connections", "Too many connections", 503, "MAX_CONNECTIONS connections are open; retry after `Retry-After` seconds."),
@@ -137,10 +139,29 @@ impl From<ivr_core::Error> for Problem {
                 Problem::new("too-many-active-calls", format!("{limit} calls are active, the most allowed"))
                     .header(RETRY_AFTER, HeaderValue::from_static("5"))
             }
+            E::QueueFull { limit, retry_after } => {
+                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                Problem::new("queue-full", format!("{limit} calls already wait for the calls-per-second limit"))
+                    .header(RETRY_AFTER, HeaderValue::from(seconds))
+            }
+            E::IdempotencyKeyReused { call_id, fields } => Problem::new(
+                "idempotency-key-reused",
+                format!(
+                    "this Idempotency-Key was used for call {call_id} with a different request \
+                     (it differs in {}); use a new key for a new call",
+                    fields.join(", ")
+                ),
+            )
+            .with("call_id", call_id.to_string()),
             E::OriginateFailed { call, source } => {
                 Problem::new("ari-failed", format!("Asterisk refused the call: {source}; it is stored as failed"))
                     .with("call_id", call.call_id.to_string())
             }
+            E::AsteriskUnreachable { call, source } => Problem::new(
+                "ari-failed",
+                format!("Asterisk could not be reached to place the call: {source}; it is stored as failed (lost)"),
+            )
+            .with("call_id", call.call_id.to_string()),
             E::Ari(source) => Problem::new("ari-failed", format!("Asterisk request failed: {source}")),
             E::StoreUnavailable(source) => {
                 tracing::warn!(error = %source, "call store unavailable");
@@ -184,5 +205,18 @@ mod tests {
         assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE);
         let response = p.into_response();
         assert!(response.headers().contains_key(RETRY_AFTER));
+    }
+
+    #[test]
+    fn a_full_queue_says_when_to_come_back_and_a_reused_key_what_differs() {
+        let full = ivr_core::Error::QueueFull { limit: 50, retry_after: std::time::Duration::from_millis(4_100) };
+        let response = Problem::from(full).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[RETRY_AFTER], "5", "whole seconds, rounded up");
+        let call_id = ivr_core::CallId::new();
+        let reused = ivr_core::Error::IdempotencyKeyReused { call_id, fields: vec!["phone_number".into()] };
+        let p = Problem::from(reused);
+        assert_eq!((p.status, p.slug), (StatusCode::UNPROCESSABLE_ENTITY, "idempotency-key-reused"));
+        assert!(p.detail.contains("phone_number") && p.detail.contains(&call_id.to_string()), "{}", p.detail);
     }
 }

@@ -166,6 +166,13 @@ impl Settings {
             max_active_calls: r
                 .number("MAX_ACTIVE_CALLS", 1, 1_000_000)?
                 .map_or(defaults.max_active_calls, |n| n as usize),
+            max_calls_per_second: r.number("MAX_CALLS_PER_SECOND", 0, 10_000)?.unwrap_or(defaults.max_calls_per_second),
+            max_queued_calls: r
+                .number("MAX_QUEUED_CALLS", 1, 1_000_000)?
+                .map_or(defaults.max_queued_calls, |n| n as usize),
+            originate_retry_window: r
+                .number("ORIGINATE_RETRY_SECONDS", 0, 3600)?
+                .map_or(defaults.originate_retry_window, |n| Duration::from_secs(n.into())),
             ..defaults
         };
         let listen = r.string("LISTEN_ADDR")?.unwrap_or_else(|| DEFAULT_LISTEN_ADDR.into());
@@ -321,6 +328,9 @@ mod tests {
         assert_eq!(s.connections.header_read_timeout, Duration::from_secs(10));
         assert_eq!(s.login, LoginLimits::default());
         assert!(s.trusted_proxies.is_empty() && !s.policy.is_set());
+        assert_eq!((s.manager.max_calls_per_second, s.manager.max_queued_calls), (10, 1000));
+        let unpaced = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("MAX_CALLS_PER_SECOND", "0")]).unwrap();
+        assert_eq!(unpaced.manager.max_calls_per_second, 0, "0 lifts the limit");
     }
 
     #[test]
@@ -359,6 +369,8 @@ mod tests {
             ("DEFAULT_PRIORITY", "-1"),
             ("DEFAULT_TIMEOUT", "0"),
             ("MAX_ACTIVE_CALLS", "lots"),
+            ("MAX_CALLS_PER_SECOND", "-1"),
+            ("MAX_QUEUED_CALLS", "0"),
             ("ACCESS_TOKEN_EXPIRE_MINUTES", "0"),
             ("LISTEN_ADDR", "localhost"),
             ("LOG_FORMAT", "xml"),

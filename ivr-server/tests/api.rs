@@ -227,9 +227,10 @@ async fn ari_failure_is_a_502_and_the_call_is_stored_as_failed() {
     let (status, _, call) = send(auth(c.get(server.url(&format!("/api/v1/calls/{call_id}"))), &token)).await;
     assert_eq!(status, 200);
     assert_eq!(call["status"], "failed");
-    assert_eq!(call["failure_reason"], "originate_failed");
+    // Nothing answered: whether it was placed is unknown, and the call says so.
+    assert_eq!(call["failure_reason"], "lost");
     assert_eq!(call["is_completed"], true);
-    assert_eq!(call["history"].as_array().unwrap().len(), 2);
+    assert_eq!(call["history"].as_array().unwrap().len(), 3, "accepted, sent, lost");
     // Same view under /status.
     let (_, _, status_view) = send(auth(c.get(server.url(&format!("/api/v1/status/{call_id}"))), &token)).await;
     assert_eq!(status_view, call);
@@ -242,7 +243,7 @@ async fn ari_failure_is_a_502_and_the_call_is_stored_as_failed() {
         .unwrap();
     assert_eq!(response.headers()["content-type"], "text/event-stream");
     let text = within("event stream", response.text()).await.unwrap();
-    assert!(text.starts_with("event: status\nid: 2\ndata: {"), "{text}");
+    assert!(text.starts_with("event: status\nid: 3\ndata: {"), "{text}");
     assert_eq!(text.matches("event: status").count(), 1, "{text}");
 
     // The interaction route with an empty body, and the documented shape of a call.
@@ -393,7 +394,7 @@ async fn health_docs_and_metrics_gating() {
     );
     assert!(text.contains(r#"route="unmatched""#) || !text.contains("/nope"));
     assert!(text.contains("ivr_http_request_duration_seconds_bucket"));
-    assert!(text.contains(r#"ivr_originations_total{outcome="failed"} 1"#), "the manager's metrics: {text}");
+    assert!(text.contains(r#"ivr_originations_total{outcome="lost"} 1"#), "the manager's metrics: {text}");
     assert!(!text.contains(&id.to_string()) && !text.contains("15550009999"), "no ids or numbers in labels");
     server.shutdown().await;
 }

@@ -190,14 +190,63 @@ async fn idempotent_create_dials_once() {
     until_ended(&server, &token, first["call_id"].as_str().unwrap()).await;
     let (_, _, third) = send(post()).await;
     assert_eq!(third["call_id"], first["call_id"]);
+    // The same key for another request: refused, and it says why.
+    for (body, differs) in [
+        (json!({"phone_number": "+15550000001"}), "phone_number"),
+        (json!({"phone_number": "+15550000005", "timeout": 5}), "timeout"),
+    ] {
+        let reused = auth(client().post(server.url("/api/v1/calls")), &token)
+            .header("idempotency-key", "order-4711")
+            .json(&body);
+        let problem = problem(reused, 422).await;
+        assert_eq!(problem["type"], "/docs#problem-idempotency-key-reused", "{problem}");
+        assert_eq!(problem["call_id"], first["call_id"], "{problem}");
+        let detail = problem["detail"].as_str().unwrap();
+        assert!(detail.contains("different request") && detail.contains(differs), "{detail}");
+    }
     assert_eq!(fake.originate_count(), 1, "one call dialed");
     server.shutdown().await;
     fake.shutdown().await;
 }
 
 #[tokio::test]
+async fn a_burst_beyond_the_rate_is_queued_and_beyond_the_queue_refused() {
+    let (server, fake) = start(0.05, &[("MAX_CALLS_PER_SECOND", "2"), ("MAX_QUEUED_CALLS", "2")]).await;
+    let token = server.mint(USER);
+    let post =
+        || auth(client().post(server.url("/api/v1/calls")), &token).json(&json!({"phone_number": "+15550000005"}));
+    let mut accepted = Vec::new();
+    for expected in ["dialing", "pending", "pending"] {
+        let (status, _, created) = send(post()).await;
+        assert_eq!(status, 201, "{created}");
+        // The first takes the token at once; the next two wait for theirs.
+        if expected == "pending" {
+            assert_eq!(created["status"], "pending", "{created}");
+        } else {
+            assert_ne!(created["status"], "pending", "{created}");
+        }
+        accepted.push(created["call_id"].as_str().unwrap().to_owned());
+    }
+    let (status, headers, refused) = send(post()).await;
+    assert_eq!(status, 503, "{refused}");
+    assert_eq!(refused["type"], "/docs#problem-queue-full", "{refused}");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 1, "{retry_after}");
+    // The queued calls are dialled in their turn and end as the first did.
+    for call_id in &accepted {
+        let call = until_ended(&server, &token, call_id).await;
+        assert_eq!(call["status"], "completed", "{call}");
+    }
+    assert_eq!(fake.originate_count(), 3, "the refused call was never dialled");
+    server.shutdown().await;
+    fake.shutdown().await;
+}
+
+#[tokio::test]
 async fn interaction_with_options() {
-    let (server, fake) = start(0.05, &[("DEFAULT_CALLER_ID", "\"IVR\" <+15559990000>")]).await;
+    // Unpaced, so the refused originate below is dialled at once and its 502 is the answer.
+    let vars = [("DEFAULT_CALLER_ID", "\"IVR\" <+15559990000>"), ("MAX_CALLS_PER_SECOND", "0")];
+    let (server, fake) = start(0.05, &vars).await;
     let token = server.mint(USER);
     let options = json!({
         "audio": "sound:hello-world",

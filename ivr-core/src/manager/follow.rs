@@ -11,6 +11,12 @@
 //!   (32 = our DELETE, 16 = end of dialplan, 4 = Asterisk shutting down).
 //! - PlaybackFinished `failed` means a missing sound, or that the channel hung up mid-playback;
 //!   only a ChannelHangupRequest arriving first tells the second case.
+//!
+//! An outcome names only what was observed. A reason is given when an event says it (a Dial
+//! status, a Q.850 cause with a meaning); "unreachable" is concluded from the *absence* of any
+//! Dial event, which is evidence only when no event can have been missed. After a gap (the
+//! event socket dropped, or the call was taken over after a restart) a call that no event
+//! explains ends `lost`: an answer may have been among the missed events.
 
 use std::time::Duration;
 
@@ -46,20 +52,28 @@ pub(crate) struct Reaction {
     pub command: Option<Command>,
 }
 
-/// What we remember about a live call's current attempt between its events.
+/// What we remember about a live call's current attempt between its events. Its state changes
+/// only through its methods.
 #[derive(Debug)]
 pub(crate) struct Tracker {
-    pub attempt: u32,
-    pub on_answer: AnswerAction,
+    attempt: u32,
+    on_answer: AnswerAction,
     /// Seconds of ringing Asterisk allows (the originate timeout).
-    pub ring_timeout: Duration,
-    /// When the originate was accepted, for the no-answer deadline.
-    pub dialed: Option<Instant>,
-    /// When anything was last heard about the call, for the silence deadline.
-    pub last_event: Instant,
-    pub canceled: bool,
-    pub answered: bool,
-    pub answer_action_started: bool,
+    ring_timeout: Duration,
+    /// When the originate was accepted (or the call last checked), for the no-answer deadline.
+    dialed: Option<Instant>,
+    /// When anything was last heard about the call (or it was last checked), for the silence
+    /// deadline.
+    last_event: Instant,
+    /// When an event of Asterisk's was last heard (a check does not count).
+    last_heard: Option<Instant>,
+    canceled: bool,
+    answered: bool,
+    answer_action_started: bool,
+    /// The originate of this attempt was sent: from here on its events may come.
+    sent: bool,
+    /// Events of this attempt may have been missed (a socket drop, a take-over).
+    gap: bool,
     rang: bool,
     dial_status: Option<String>,
     /// A Q.850 cause from a (not soft) ChannelHangupRequest of either half.
@@ -72,6 +86,8 @@ pub(crate) struct Tracker {
     pending_end: Option<(Hangup, String)>,
     /// Something worth keeping in the history with the end (a failed playback).
     note: Option<String>,
+    /// Whether any Dial event of our channel was seen.
+    dial_seen: bool,
 }
 
 /// Which half of the originated channel an event is about.
@@ -94,6 +110,7 @@ impl Half {
 }
 
 impl Tracker {
+    /// A call this process follows from its first attempt.
     pub fn new(attempt: u32, on_answer: AnswerAction, ring_timeout: Duration) -> Self {
         Tracker {
             attempt,
@@ -101,9 +118,12 @@ impl Tracker {
             ring_timeout,
             dialed: None,
             last_event: Instant::now(),
+            last_heard: None,
             canceled: false,
             answered: false,
             answer_action_started: false,
+            sent: false,
+            gap: false,
             rang: false,
             dial_status: None,
             requested_cause: None,
@@ -113,12 +133,87 @@ impl Tracker {
             sibling_end: None,
             pending_end: None,
             note: None,
+            dial_seen: false,
         }
+    }
+
+    /// A call found active that this process did not follow until now: its earlier events were
+    /// not seen. A channel still in Stasis has not been continued into the dialplan, so that
+    /// action is always safe to (re)send; a playback keeps the channel in Stasis, so for an
+    /// answered call with audio the playback is taken as started rather than played twice.
+    pub fn adopted(attempt: u32, on_answer: AnswerAction, ring_timeout: Duration, answered_with_audio: bool) -> Self {
+        let mut tracker = Tracker::new(attempt, on_answer, ring_timeout);
+        tracker.sent = true;
+        tracker.gap = true;
+        tracker.dialed = Some(Instant::now());
+        tracker.answer_action_started = answered_with_audio;
+        tracker
     }
 
     /// Forgets the previous attempt's scratch when a retry starts.
     pub fn next_attempt(&mut self, attempt: u32) {
         *self = Tracker { canceled: self.canceled, ..Tracker::new(attempt, self.on_answer.clone(), self.ring_timeout) };
+    }
+
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    pub fn is_canceled(&self) -> bool {
+        self.canceled
+    }
+
+    /// We hang the call up: an unanswered end is a cancel, and no answer action is started.
+    pub fn cancel(&mut self) {
+        self.canceled = true;
+    }
+
+    /// Asterisk accepted the originate now: the no-answer deadline runs from here.
+    pub fn dialed(&mut self) {
+        self.dialed = Some(Instant::now());
+    }
+
+    /// The originate is about to be sent. If the event socket is down (`listening` false),
+    /// the first events may be missed.
+    pub fn sending(&mut self, listening: bool) {
+        self.sent = true;
+        self.gap |= !listening;
+    }
+
+    /// Events may have been missed (the socket dropped): this matters only for an attempt
+    /// already sent; one still queued has no events yet.
+    pub fn note_gap(&mut self) {
+        self.gap |= self.sent;
+    }
+
+    /// Whether an event of Asterisk's about this attempt was heard at or after `since`.
+    pub fn heard_since(&self, since: Instant) -> bool {
+        self.last_heard.is_some_and(|t| t >= since)
+    }
+
+    /// Whether an end is held back for the callee half's cause (it is on its way).
+    pub fn is_ending(&self) -> bool {
+        self.pending_end.is_some()
+    }
+
+    /// Whether Asterisk should be asked about the call at `now`: past its ring timeout and
+    /// `ring_grace` unanswered, or `answered_silence` without an event once answered. A call
+    /// found overdue is taken as checked: the next check waits a whole period again.
+    pub fn check_due(&mut self, now: Instant, ring_grace: Duration, answered_silence: Duration) -> bool {
+        let deadline = if self.answered {
+            self.last_event + answered_silence
+        } else {
+            match self.dialed {
+                Some(dialed) => dialed + self.ring_timeout + ring_grace,
+                None => return false,
+            }
+        };
+        if now < deadline {
+            return false;
+        }
+        self.last_event = now;
+        self.dialed = Some(now);
+        true
     }
 
     fn step(&self, step: Step, cause: impl Into<String>) -> Transition {
@@ -128,6 +223,7 @@ impl Tracker {
     /// Interprets one event about this call's current attempt.
     pub fn on_event(&mut self, event: &AriEvent, half: Half) -> Reaction {
         self.last_event = Instant::now();
+        self.last_heard = Some(self.last_event);
         if half == Half::Sibling {
             self.sibling_seen = true;
         }
@@ -147,6 +243,7 @@ impl Tracker {
                 _ => {}
             },
             (AriEvent::Dial { dialstatus, peer, .. }, Half::Ours) => {
+                self.dial_seen = true;
                 self.dial_status = Some(dialstatus.clone());
                 match dialstatus.as_str() {
                     "RINGING" => {
@@ -226,10 +323,12 @@ impl Tracker {
         self.step(Step::Ended { reason_if_unanswered: reason }, cause).channel(channel).hangup(hangup)
     }
 
-    /// Why an unanswered call ended, from everything its events said.
+    /// Why an unanswered call ended, from what its events said, and only that.
     fn unanswered_reason(&self, own_cause: i32) -> FailureReason {
         if self.canceled {
-            return FailureReason::Canceled;
+            // Our DELETE ends a ringing call and an answered one alike (cause 16): after a gap
+            // the answer may have been missed, so only without one is it a cancel.
+            return if self.gap { FailureReason::Lost } else { FailureReason::Canceled };
         }
         match self.dial_status.as_deref() {
             Some("BUSY") => return FailureReason::Busy,
@@ -237,19 +336,32 @@ impl Tracker {
             _ => {}
         }
         let sibling = self.sibling_end.as_ref().map(|h| i32::from(h.code));
-        let cause = [Some(own_cause), sibling, self.requested_cause].into_iter().flatten().find(|c| *c != 0);
-        match cause {
-            Some(17) => FailureReason::Busy,
-            Some(34 | 38 | 41 | 42 | 44 | 47) => FailureReason::Congestion,
-            Some(18 | 19) => FailureReason::NoAnswer,
-            Some(21) => FailureReason::Rejected,
-            Some(1 | 2 | 3 | 22 | 27 | 28) => FailureReason::Unreachable,
-            _ if self.shutdown => FailureReason::Lost,
-            _ if self.dial_status.as_deref() == Some("NOANSWER") || self.rang => FailureReason::NoAnswer,
-            // No Dial event at all (a Local unknown extension), or a channel that never got
-            // anywhere: the number could not be reached.
-            _ => FailureReason::Unreachable,
+        // The first cause that means something: 0 says nothing, and 16 "Normal Clearing"
+        // ends answered calls as well as canceled ones, so it tells no reason either.
+        let meant = [Some(own_cause), sibling, self.requested_cause].into_iter().flatten().find_map(|c| match c {
+            17 => Some(FailureReason::Busy),
+            34 | 38 | 41 | 42 | 44 | 47 => Some(FailureReason::Congestion),
+            18 | 19 => Some(FailureReason::NoAnswer),
+            21 => Some(FailureReason::Rejected),
+            1 | 2 | 3 | 22 | 27 | 28 => Some(FailureReason::Unreachable),
+            _ => None,
+        });
+        if let Some(reason) = meant {
+            return reason;
         }
+        if self.shutdown {
+            return FailureReason::Lost;
+        }
+        if self.dial_status.as_deref() == Some("NOANSWER") {
+            return FailureReason::NoAnswer;
+        }
+        // Recorded for a Local unknown extension: no Dial event at all, both halves end with
+        // cause 0. The absence of events is evidence only if none can have been missed.
+        let silent_end = own_cause == 0 && sibling.unwrap_or(0) == 0 && !self.dial_seen && !self.rang;
+        if silent_end && !self.gap {
+            return FailureReason::Unreachable;
+        }
+        FailureReason::Lost
     }
 
     /// The cause to keep: ours when it says something, else the callee half's.
@@ -387,7 +499,7 @@ mod tests {
             assert_eq!(reason(&end_of(&mut t, &events)), want, "{events:?}");
         }
         let mut t = tracker();
-        t.canceled = true;
+        t.cancel();
         let end =
             end_of(&mut t, &[(dial("NOANSWER"), Half::Ours), (destroyed("a", 16, "Normal Clearing"), Half::Ours)]);
         assert_eq!(reason(&end), FailureReason::Canceled);
@@ -431,5 +543,136 @@ mod tests {
         };
         t.on_event(&hangup, Half::Ours);
         assert_eq!(t.on_event(&finished, Half::Ours).command, None, "the callee hung up; the end follows by itself");
+    }
+
+    /// How a call ended: its status and failure reason.
+    type Outcome = (crate::CallStatus, Option<FailureReason>);
+
+    /// The events of one recorded scenario about its originated channel (both halves).
+    fn recorded(name: &str) -> Vec<(AriEvent, Half)> {
+        // Cargo sets the package's directory when it runs the tests; the one compiled in is
+        // the fallback for a test binary run by hand.
+        let dir = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_owned());
+        let path = format!("{dir}/tests/transcripts/{name}.jsonl");
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("the recording {path}: {e}"));
+        let mut id = None;
+        let mut events = Vec::new();
+        for line in text.lines() {
+            let record: serde_json::Value = serde_json::from_str(line).expect("a JSON line");
+            match record["kind"].as_str() {
+                Some("meta") => id = record["channel_id"].as_str().map(str::to_owned),
+                Some("ws") => {
+                    let event = AriEvent::parse(&record["event"].to_string()).expect("an ARI event");
+                    let Some(channel) = event.channel_id() else { continue };
+                    if channel.split(';').next() == id.as_deref() {
+                        let half = Half::of(channel);
+                        events.push((event, half));
+                    }
+                }
+                _ => {}
+            }
+        }
+        assert!(!events.is_empty(), "{name}: no events of its channel");
+        events
+    }
+
+    /// How a call ends when its tracker hears `events`, with those in `missed` lost to a gap
+    /// (the socket dropped before the first of them and came back after the last). `None`
+    /// when no end was heard (a reconcile settles it).
+    fn outcome(events: &[(AriEvent, Half)], missed: std::ops::Range<usize>, canceled: bool) -> Option<Outcome> {
+        use crate::call::{now, Call, CallId};
+        let mut call = Call::new(CallId::new(), crate::store::conformance::new_call("+15550000001"), now());
+        call.apply(&Transition::new(Step::Sent, "sent")).unwrap();
+        call.apply(&Transition::new(Step::Dialing, "originate accepted")).unwrap();
+        let mut t = tracker();
+        t.sending(true);
+        if canceled {
+            t.cancel();
+        }
+        for (i, (event, half)) in events.iter().enumerate() {
+            if missed.contains(&i) {
+                if i == missed.start {
+                    t.note_gap();
+                }
+                continue;
+            }
+            if let Some(transition) = t.on_event(event, *half).transition {
+                let _ = call.apply(&transition);
+            }
+        }
+        // A held-back end is finished after a short wait (Command::FinishEnd).
+        if let Some(end) = t.finish_pending_end() {
+            let _ = call.apply(&end);
+        }
+        call.is_completed().then_some((call.status, call.failure_reason))
+    }
+
+    /// Every recorded ending, heard whole, gives its true outcome; with any run of its events
+    /// missed, it gives that same outcome or `lost`, never another reason.
+    #[test]
+    fn every_gap_the_recordings_allow_ends_true_or_lost() {
+        use crate::CallStatus::{Completed, Failed};
+        let cases: [(&str, bool, Outcome); 19] = [
+            ("answered_app", false, (Completed, None)),
+            ("short_call", false, (Completed, None)),
+            ("busy", false, (Failed, Some(FailureReason::Busy))),
+            ("congestion", false, (Failed, Some(FailureReason::Congestion))),
+            ("no_answer", false, (Failed, Some(FailureReason::NoAnswer))),
+            ("rejected", false, (Failed, Some(FailureReason::Rejected))),
+            ("unknown_number", false, (Failed, Some(FailureReason::Unreachable))),
+            ("hangup_while_ringing", true, (Failed, Some(FailureReason::Canceled))),
+            ("hangup_answered", true, (Completed, None)),
+            ("answered_play", false, (Completed, None)),
+            ("answered_play_short", false, (Completed, None)),
+            ("play_missing_sound", false, (Completed, None)),
+            ("asterisk_restart", false, (Completed, None)),
+            ("answered_pjsip", false, (Completed, None)),
+            ("busy_pjsip", false, (Failed, Some(FailureReason::Busy))),
+            ("rejected_pjsip", false, (Failed, Some(FailureReason::Rejected))),
+            ("no_answer_pjsip", false, (Failed, Some(FailureReason::NoAnswer))),
+            ("callee_down_pjsip", false, (Failed, Some(FailureReason::NoAnswer))),
+            ("answered_play_pjsip", false, (Completed, None)),
+        ];
+        let lost = (Failed, Some(FailureReason::Lost));
+        let mut gaps = 0;
+        for (name, canceled, truth) in cases {
+            let events = recorded(name);
+            assert_eq!(outcome(&events, 0..0, canceled), Some(truth), "{name}, heard whole");
+            for from in 0..events.len() {
+                for to in from + 1..=events.len() {
+                    gaps += 1;
+                    let got = outcome(&events, from..to, canceled);
+                    assert!(
+                        got.is_none() || got == Some(truth) || got == Some(lost),
+                        "{name} missing events {from}..{to}: {got:?}, but it was {truth:?}"
+                    );
+                }
+            }
+        }
+        assert!(gaps > 2_000, "{gaps} gaps tried");
+    }
+
+    /// The ending of the load reports: an answered call whose answer was missed ends with
+    /// 16 "Normal Clearing". That is no failure to reach anyone: it is `lost`.
+    #[test]
+    fn a_missed_answer_is_lost_not_unreachable() {
+        let events = recorded("short_call");
+        let answer_events: Vec<usize> = events
+            .iter()
+            .enumerate()
+            .filter(|(_, (e, h))| {
+                *h == Half::Ours
+                    && matches!(
+                        e,
+                        AriEvent::ChannelStateChange { .. } | AriEvent::Dial { .. } | AriEvent::StasisStart { .. }
+                    )
+            })
+            .map(|(i, _)| i)
+            .collect();
+        let (first, last) = (answer_events[0], *answer_events.last().unwrap());
+        assert_eq!(
+            outcome(&events, first..last + 1, false),
+            Some((crate::CallStatus::Failed, Some(FailureReason::Lost)))
+        );
     }
 }

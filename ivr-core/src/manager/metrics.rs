@@ -5,8 +5,18 @@ use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, 
 
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics {
-    /// `outcome`: dialing | failed | refused | duplicate.
+    /// `outcome`: dialing | failed | queued | refused (the active-call cap) | queue_full |
+    /// duplicate | lost (Asterisk could not be reached to place it).
     pub originations: IntCounterVec,
+    /// Every `POST /channels` sent (retries of one attempt included): its rate is the
+    /// originate rate the trunk sees.
+    pub originate_requests: IntCounter,
+    /// Calls waiting for the calls-per-second limit.
+    pub queued_calls: IntGauge,
+    /// Reconciles of the active calls with Asterisk.
+    pub reconcile_runs: IntCounter,
+    /// `request`: list (one `GET /channels`) | get (one `GET /channels/{id}`).
+    pub reconcile_requests: IntCounterVec,
     pub active_calls: IntGauge,
     pub answered: IntCounter,
     /// `reason`: a FailureReason name.
@@ -24,6 +34,19 @@ impl Metrics {
             originations: IntCounterVec::new(
                 Opts::new("ivr_originations_total", "Originate requests by outcome"),
                 &["outcome"],
+            )?,
+            originate_requests: IntCounter::new(
+                "ivr_originate_requests_total",
+                "POST /channels requests sent to Asterisk, retries included",
+            )?,
+            queued_calls: IntGauge::new("ivr_calls_queued", "Calls waiting for the calls-per-second limit")?,
+            reconcile_runs: IntCounter::new(
+                "ivr_reconcile_runs_total",
+                "Reconciles of the active calls with Asterisk",
+            )?,
+            reconcile_requests: IntCounterVec::new(
+                Opts::new("ivr_reconcile_requests_total", "ARI requests made by reconciles, by request"),
+                &["request"],
             )?,
             active_calls: IntGauge::new("ivr_active_calls", "Calls not yet ended")?,
             answered: IntCounter::new("ivr_calls_answered_total", "Calls answered")?,
@@ -44,6 +67,10 @@ impl Metrics {
         };
         registry.register(Box::new(metrics.originations.clone()))?;
         registry.register(Box::new(metrics.active_calls.clone()))?;
+        registry.register(Box::new(metrics.originate_requests.clone()))?;
+        registry.register(Box::new(metrics.queued_calls.clone()))?;
+        registry.register(Box::new(metrics.reconcile_runs.clone()))?;
+        registry.register(Box::new(metrics.reconcile_requests.clone()))?;
         registry.register(Box::new(metrics.answered.clone()))?;
         registry.register(Box::new(metrics.failed.clone()))?;
         registry.register(Box::new(metrics.ari_errors.clone()))?;

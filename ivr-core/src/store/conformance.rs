@@ -26,7 +26,7 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use time::{Duration, OffsetDateTime};
 
 use super::{Applied, CallQuery, CallStore};
-use crate::call::{Call, CallId, CallStatus, FailureReason, Hangup, Ignored, NewCall, PhoneNumber, Step, Transition};
+use crate::call::{Call, CallId, CallSpec, CallStatus, FailureReason, Hangup, Ignored, PhoneNumber, Step, Transition};
 use crate::error::{Conflict, Error};
 
 /// A fresh store for one check, with whatever must live as long as it (a temp dir, say).
@@ -93,8 +93,8 @@ macro_rules! call_store_conformance {
 }
 
 /// A plain request for `number`.
-pub fn new_call(number: &str) -> NewCall {
-    NewCall {
+pub fn new_call(number: &str) -> CallSpec {
+    CallSpec {
         phone_number: PhoneNumber::parse(number).expect("a valid test number"),
         context: "ivr-menu".into(),
         extension: "s".into(),
@@ -129,7 +129,7 @@ async fn stored(store: &dyn CallStore, id: CallId) -> Call {
 pub async fn round_trip_of_every_field(store: Arc<dyn CallStore>) {
     let mut full = Call::new(
         CallId::new(),
-        NewCall {
+        CallSpec {
             phone_number: PhoneNumber::parse("+15550000001").unwrap(),
             context: "ivr-menü".into(),
             extension: "1000".into(),
@@ -143,6 +143,7 @@ pub async fn round_trip_of_every_field(store: Arc<dyn CallStore>) {
         },
         instant(0),
     );
+    full.apply(&step(Step::Sent, "sent to Asterisk", 0)).unwrap();
     full.apply(&step(Step::Dialing, "originate accepted", 1).channel("Local/+15550000001@sim-00000001;1")).unwrap();
     full.apply(&step(Step::Ringing, "ChannelStateChange Ringing", 2)).unwrap();
     full.apply(&step(Step::Answered, "StasisStart", 2_003)).unwrap();
@@ -153,7 +154,7 @@ pub async fn round_trip_of_every_field(store: Arc<dyn CallStore>) {
     .unwrap();
     assert_eq!(full.created_at.microsecond(), 123_456, "the fixture has sub-millisecond precision");
 
-    let bare = Call::new(CallId::new(), NewCall { caller_id: None, ..new_call("123") }, instant(10));
+    let bare = Call::new(CallId::new(), CallSpec { caller_id: None, ..new_call("123") }, instant(10));
 
     for call in [&full, &bare] {
         store.insert(call).await.expect("insert");
@@ -170,7 +171,7 @@ pub async fn duplicates_are_refused_with_the_existing_call(store: Arc<dyn CallSt
     let first = Call::new(CallId::new(), new_call("+15550000002"), instant(0));
     store.insert(&first).await.unwrap();
     let mut again = Call::new(first.call_id, new_call("+15550000003"), instant(5));
-    again.context = "other".into();
+    again.spec.context = "other".into();
     match store.insert(&again).await {
         Err(Error::AlreadyExists { on: Conflict::CallId, existing }) => assert_eq!(*existing, first),
         other => panic!("expected AlreadyExists on the call id, got {other:?}"),
@@ -180,7 +181,7 @@ pub async fn duplicates_are_refused_with_the_existing_call(store: Arc<dyn CallSt
 
 /// An idempotency key names one call; a second call with it is refused, also under a race.
 pub async fn idempotency_key_conflicts(store: Arc<dyn CallStore>) {
-    let keyed = |key: &str| NewCall { idempotency_key: Some(key.into()), ..new_call("+15550000001") };
+    let keyed = |key: &str| CallSpec { idempotency_key: Some(key.into()), ..new_call("+15550000001") };
     let first = Call::new(CallId::new(), keyed("order-42"), instant(0));
     store.insert(&first).await.unwrap();
 
@@ -231,6 +232,8 @@ pub async fn transition_contract(store: Arc<dyn CallStore>) {
     let mut model = call.clone();
 
     let script = [
+        (step(Step::Sent, "sent to Asterisk", 5), None),
+        (step(Step::Sent, "sent twice", 6), Some(Ignored::AlreadySent)),
         (step(Step::Dialing, "originate 200", 10).channel("PJSIP/+15550000001@trunk-00000001"), None),
         (
             step(Step::Dialing, "duplicate", 11),
@@ -268,12 +271,13 @@ pub async fn transition_contract(store: Arc<dyn CallStore>) {
     assert_eq!(done.ringing_at, None);
     assert_eq!(done.answered_at, Some(instant(2_000)));
     assert_eq!(done.duration(), Some(3.0));
-    assert_eq!(done.history.len(), 4);
+    assert_eq!(done.sent_at, Some(instant(5)), "the queue is told from the sent by sent_at");
+    assert_eq!(done.history.len(), 5);
 }
 
 /// A retryable failure with attempts left goes back to pending, attempt and history intact.
 pub async fn retry_returns_to_pending_in_the_store(store: Arc<dyn CallStore>) {
-    let call = Call::new(CallId::new(), NewCall { max_attempts: 2, ..new_call("+15550000002") }, instant(0));
+    let call = Call::new(CallId::new(), CallSpec { max_attempts: 2, ..new_call("+15550000002") }, instant(0));
     store.insert(&call).await.unwrap();
     let id = call.call_id;
     store.apply(id, &step(Step::Dialing, "originate", 1).for_attempt(1)).await.unwrap();
@@ -283,6 +287,7 @@ pub async fn retry_returns_to_pending_in_the_store(store: Arc<dyn CallStore>) {
     let call = stored(&*store, id).await;
     assert_eq!(call, after_busy.into_call());
     assert_eq!((call.status, call.attempt_number, call.channel.as_deref()), (CallStatus::Pending, 2, None));
+    assert!(call.is_queued(), "the next attempt was never sent");
     let failed = &call.history[call.history.len() - 2];
     assert_eq!(
         (failed.status, failed.attempt, failed.failure_reason),
@@ -410,7 +415,7 @@ pub async fn filters_and_pagination_over_10000_calls(store: Arc<dyn CallStore>) 
     assert_eq!(pages, N / 100, "full pages, and no empty page at the end");
     let first_page = store.list(&CallQuery::default()).await.unwrap();
     assert_eq!(first_page.calls.len(), CallQuery::DEFAULT_PAGE_SIZE);
-    assert_eq!(first_page.calls[0].phone_number.as_str(), "+15550000009", "the late call is newest");
+    assert_eq!(first_page.calls[0].spec.phone_number.as_str(), "+15550000009", "the late call is newest");
     assert!(!first_page.calls[1].history.is_empty(), "listed calls carry their history");
 
     // Filtered: two statuses, one number, a created_at window; small odd pages.

@@ -48,7 +48,7 @@ impl CallStore for MemoryCallStore {
         if let Some(existing) = inner.calls.get(&call.call_id) {
             return Err(Error::AlreadyExists { on: Conflict::CallId, existing: Box::new(existing.clone()) });
         }
-        if let Some(key) = &call.idempotency_key {
+        if let Some(key) = &call.spec.idempotency_key {
             if let Some(id) = inner.by_key.get(key) {
                 let existing = Box::new(inner.calls[id].clone());
                 return Err(Error::AlreadyExists { on: Conflict::IdempotencyKey, existing });

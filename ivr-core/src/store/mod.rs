@@ -119,7 +119,7 @@ impl CallQuery {
         (self.statuses.is_empty() || self.statuses.contains(&call.status))
             && self.created_from.is_none_or(|from| call.created_at >= from)
             && self.created_to.is_none_or(|to| call.created_at < to)
-            && self.phone_number.as_ref().is_none_or(|n| *n == call.phone_number)
+            && self.phone_number.as_ref().is_none_or(|n| *n == call.spec.phone_number)
     }
 }
 

@@ -23,7 +23,7 @@ use sqlx::{Any, AnyConnection, AnyPool, Executor, Row};
 use time::OffsetDateTime;
 
 use super::{from_micros, micros, Applied, CallPage, CallQuery, CallStore};
-use crate::call::{Call, CallId, CallStatus, Hangup, Transition, TransitionRecord};
+use crate::call::{Call, CallId, CallSpec, CallStatus, Hangup, Transition, TransitionRecord};
 use crate::error::{Conflict, Error, Result};
 
 /// Longest a single store operation may take before it is reported as unavailable.
@@ -34,7 +34,10 @@ const MAX_APPLY_ROUNDS: usize = 64;
 const IN_CHUNK: usize = 500;
 
 /// ivr-core's migrations, embedded in the binary.
-const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "calls", include_str!("../../migrations/0001_calls.sql"))];
+const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "calls", include_str!("../../migrations/0001_calls.sql")),
+    (2, "sent_at", include_str!("../../migrations/0002_sent_at.sql")),
+];
 
 /// A [`CallStore`] on SQLite or PostgreSQL. Cheap to clone: it is a connection pool handle.
 #[derive(Clone, Debug)]
@@ -173,19 +176,8 @@ impl SqlCallStore {
 
     async fn try_insert(&self, call: &Call) -> Result<(), sqlx::Error> {
         let mut tx = self.pool.begin().await?;
-        let query = sqlx::query(INSERT_CALL)
-            .bind(call.call_id.to_string())
-            .bind(call.phone_number.as_str())
-            .bind(call.context.as_str())
-            .bind(call.extension.as_str())
-            .bind(i64::from(call.priority))
-            .bind(call.caller_id.as_deref())
-            .bind(i64::from(call.timeout_secs))
-            .bind(call.audio.as_deref())
-            .bind(serde_json::to_string(&call.variables).expect("a string map always serializes"))
-            .bind(micros(call.created_at))
-            .bind(i64::from(call.max_attempts))
-            .bind(call.idempotency_key.as_deref());
+        let query = sqlx::query(INSERT_CALL).bind(call.call_id.to_string());
+        let query = bind_spec(query, &call.spec).bind(micros(call.created_at));
         bind_state(query, call).execute(&mut *tx).await?;
         insert_history(&mut tx, call, 0).await?;
         tx.commit().await
@@ -196,7 +188,7 @@ impl SqlCallStore {
         if let Some(existing) = self.get(call.call_id).await? {
             return Ok(Some((Conflict::CallId, existing)));
         }
-        if let Some(key) = &call.idempotency_key {
+        if let Some(key) = &call.spec.idempotency_key {
             if let Some(existing) = self.get_by_idempotency_key(key).await? {
                 return Ok(Some((Conflict::IdempotencyKey, existing)));
             }
@@ -333,8 +325,8 @@ impl CallStore for SqlCallStore {
 macro_rules! call_columns {
     () => {
         "call_id, phone_number, context, extension, priority, caller_id, timeout_secs, audio, variables, \
-         created_at, max_attempts, idempotency_key, status, channel, dialed_at, ringing_at, answered_at, ended_at, \
-         failure_reason, hangup_cause, hangup_text, attempt_number, version"
+         max_attempts, idempotency_key, created_at, status, channel, sent_at, dialed_at, ringing_at, answered_at, \
+         ended_at, failure_reason, hangup_cause, hangup_text, attempt_number, version"
     };
 }
 
@@ -343,13 +335,13 @@ const SELECT_CALLS: &str = concat!("SELECT ", call_columns!(), " FROM calls");
 const INSERT_CALL: &str = concat!(
     "INSERT INTO calls (",
     call_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
+    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
 );
 
 /// The state columns in [`bind_state`]'s order, then the row guard.
-const UPDATE_STATE: &str = "UPDATE calls SET status = $1, channel = $2, dialed_at = $3, ringing_at = $4, \
-     answered_at = $5, ended_at = $6, failure_reason = $7, hangup_cause = $8, hangup_text = $9, \
-     attempt_number = $10, version = $11 WHERE call_id = $12 AND version = $13";
+const UPDATE_STATE: &str = "UPDATE calls SET status = $1, channel = $2, sent_at = $3, dialed_at = $4, \
+     ringing_at = $5, answered_at = $6, ended_at = $7, failure_reason = $8, hangup_cause = $9, hangup_text = $10, \
+     attempt_number = $11, version = $12 WHERE call_id = $13 AND version = $14";
 
 /// A transition's columns of table `$t` (`""` or `"t."`) under the names
 /// [`decode_transition`] reads, which keep clear of the `calls` columns in a join.
@@ -383,12 +375,29 @@ const SELECT_HISTORIES_PREFIX: &str =
 
 type AnyQuery<'q> = Query<'q, Any, AnyArguments<'q>>;
 
+/// Binds a call's spec, in the order of its columns in [`INSERT_CALL`]; [`decode_spec`] reads
+/// them back. A new field of [`CallSpec`] is a column here, there and in a migration.
+fn bind_spec<'q>(query: AnyQuery<'q>, spec: &'q CallSpec) -> AnyQuery<'q> {
+    query
+        .bind(spec.phone_number.as_str())
+        .bind(spec.context.as_str())
+        .bind(spec.extension.as_str())
+        .bind(i64::from(spec.priority))
+        .bind(spec.caller_id.as_deref())
+        .bind(i64::from(spec.timeout_secs))
+        .bind(spec.audio.as_deref())
+        .bind(serde_json::to_string(&spec.variables).expect("a string map always serializes"))
+        .bind(i64::from(spec.max_attempts))
+        .bind(spec.idempotency_key.as_deref())
+}
+
 /// Binds the columns a transition can change, in the order of [`UPDATE_STATE`] (and of the
 /// tail of [`INSERT_CALL`]).
 fn bind_state<'q>(query: AnyQuery<'q>, call: &'q Call) -> AnyQuery<'q> {
     query
         .bind(call.status.as_str())
         .bind(call.channel.as_deref())
+        .bind(call.sent_at.map(micros))
         .bind(call.dialed_at.map(micros))
         .bind(call.ringing_at.map(micros))
         .bind(call.answered_at.map(micros))
@@ -431,17 +440,41 @@ async fn insert_history(conn: &mut AnyConnection, call: &Call, from: usize) -> R
     Ok(())
 }
 
-fn decode_call(row: &AnyRow, history: Vec<TransitionRecord>) -> Result<Call> {
+/// Reads one integer column that holds a `u32`.
+fn small(row: &AnyRow, col: &str) -> Result<u32> {
+    let value: i64 = row.try_get(col).map_err(corrupt)?;
+    u32::try_from(value).map_err(|_| Error::StoreCorrupt(format!("{col} {value} is out of range")))
+}
+
+fn opt_text(row: &AnyRow, col: &str) -> Result<Option<String>> {
+    row.try_get::<Option<String>, _>(col).map_err(corrupt)
+}
+
+/// The spec columns [`bind_spec`] wrote.
+fn decode_spec(row: &AnyRow) -> Result<CallSpec> {
     let text = |col: &str| row.try_get::<String, _>(col).map_err(corrupt);
-    let opt_text = |col: &str| row.try_get::<Option<String>, _>(col).map_err(corrupt);
-    let int = |col: &str| row.try_get::<i64, _>(col).map_err(corrupt);
+    let variables = serde_json::from_str(&text("variables")?)
+        .map_err(|e| Error::StoreCorrupt(format!("variables are not a JSON object of strings: {e}")))?;
+    Ok(CallSpec {
+        phone_number: text("phone_number")?.parse().map_err(|e| Error::StoreCorrupt(format!("phone_number: {e}")))?,
+        context: text("context")?,
+        extension: text("extension")?,
+        priority: small(row, "priority")?,
+        caller_id: opt_text(row, "caller_id")?,
+        timeout_secs: small(row, "timeout_secs")?,
+        audio: opt_text(row, "audio")?,
+        variables,
+        max_attempts: small(row, "max_attempts")?,
+        idempotency_key: opt_text(row, "idempotency_key")?,
+    })
+}
+
+fn decode_call(row: &AnyRow, history: Vec<TransitionRecord>) -> Result<Call> {
     let opt_time = |col: &str| -> Result<Option<OffsetDateTime>> {
         row.try_get::<Option<i64>, _>(col).map_err(corrupt)?.map(|us| instant(col, us)).transpose()
     };
-    let small = |col: &str| -> Result<u32> {
-        u32::try_from(int(col)?).map_err(|_| Error::StoreCorrupt(format!("{col} is out of range")))
-    };
-    let hangup = match (row.try_get::<Option<i64>, _>("hangup_cause").map_err(corrupt)?, opt_text("hangup_text")?) {
+    let hangup = match (row.try_get::<Option<i64>, _>("hangup_cause").map_err(corrupt)?, opt_text(row, "hangup_text")?)
+    {
         (Some(code), Some(text)) => Some(Hangup {
             code: u16::try_from(code)
                 .map_err(|_| Error::StoreCorrupt(format!("hangup_cause {code} is out of range")))?,
@@ -449,30 +482,20 @@ fn decode_call(row: &AnyRow, history: Vec<TransitionRecord>) -> Result<Call> {
         }),
         _ => None,
     };
-    let variables = serde_json::from_str(&text("variables")?)
-        .map_err(|e| Error::StoreCorrupt(format!("variables are not a JSON object of strings: {e}")))?;
     Ok(Call {
-        call_id: parse_id(&text("call_id")?)?,
-        phone_number: text("phone_number")?.parse().map_err(|e| Error::StoreCorrupt(format!("phone_number: {e}")))?,
-        status: text("status")?.parse().map_err(corrupt)?,
-        channel: opt_text("channel")?,
-        context: text("context")?,
-        extension: text("extension")?,
-        priority: small("priority")?,
-        caller_id: opt_text("caller_id")?,
-        timeout_secs: small("timeout_secs")?,
-        audio: opt_text("audio")?,
-        variables,
-        created_at: instant("created_at", int("created_at")?)?,
+        call_id: parse_id(&row.try_get::<String, _>("call_id").map_err(corrupt)?)?,
+        spec: decode_spec(row)?,
+        status: row.try_get::<String, _>("status").map_err(corrupt)?.parse().map_err(corrupt)?,
+        channel: opt_text(row, "channel")?,
+        created_at: instant("created_at", row.try_get("created_at").map_err(corrupt)?)?,
+        sent_at: opt_time("sent_at")?,
         dialed_at: opt_time("dialed_at")?,
         ringing_at: opt_time("ringing_at")?,
         answered_at: opt_time("answered_at")?,
         ended_at: opt_time("ended_at")?,
-        failure_reason: opt_text("failure_reason")?.map(|r| r.parse()).transpose().map_err(corrupt)?,
+        failure_reason: opt_text(row, "failure_reason")?.map(|r| r.parse()).transpose().map_err(corrupt)?,
         hangup,
-        attempt_number: small("attempt_number")?,
-        max_attempts: small("max_attempts")?,
-        idempotency_key: opt_text("idempotency_key")?,
+        attempt_number: small(row, "attempt_number")?,
         history,
     })
 }

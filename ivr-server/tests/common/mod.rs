@@ -127,6 +127,12 @@ impl TestServer {
         if matches!(db, Db::Disabled) {
             vars.push(("DISABLE_DB", "true"));
         }
+        if matches!(ari, Ari::Down) {
+            // Nothing listens: give the originate up at its first failure. And no event loop
+            // runs, so no queue is served: every call is dialled at once.
+            vars.push(("ORIGINATE_RETRY_SECONDS", "0"));
+            vars.push(("MAX_CALLS_PER_SECOND", "0"));
+        }
         let settings = settings(&vars);
         let (stores, dir) = match db {
             Db::Sqlite => {

@@ -1,0 +1,209 @@
+//! Sending a call's attempt to Asterisk: the originate and its retries, and the REST commands
+//! its events call for (continue, play, hang up).
+//!
+//! An originate that met a connection-level failure (refused, reset, closed before the answer,
+//! no answer in time) is sent again with the same channel id, where a 409 means the earlier
+//! one was placed: a call is stored `failed` only when Asterisk said no.
+
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+use super::follow::{AnswerAction, Command};
+use super::CallManager;
+use crate::ari::{AriError, OriginateRequest, OriginateTarget};
+use crate::call::{Call, CallId, FailureReason, Step, Transition};
+use crate::error::{Error, Result};
+
+/// How long our channel's end waits for its callee half's end, which carries the cause.
+const SIBLING_WAIT: Duration = Duration::from_millis(250);
+
+/// Bounds of the pause between two sends of an originate that got no answer.
+const RESEND_MIN: Duration = Duration::from_millis(100);
+const RESEND_MAX: Duration = Duration::from_secs(5);
+
+/// Whether a failed request may never have reached Asterisk, or its answer never reached us:
+/// the connection failed or timed out before an answer. Anything else is Asterisk's answer.
+// The ARI client may classify this itself one day; until then, today's AriError tells it.
+fn is_connection_failure(e: &AriError) -> bool {
+    matches!(e, AriError::Transport(_) | AriError::Timeout(_))
+}
+
+/// What became of an originate.
+enum Sent {
+    /// Asterisk took it; the channel's name, if it gave one.
+    Placed(Option<String>),
+    /// Asterisk said no.
+    Refused(AriError),
+    /// No answer from Asterisk within the retry window.
+    Unanswered(AriError),
+}
+
+impl CallManager {
+    /// Dials the call's current attempt and records the outcome; `reply` hears it.
+    pub(crate) async fn place(&self, call: Call, reply: Option<oneshot::Sender<Result<Call>>>) {
+        let call_id = call.call_id;
+        let result = self.try_place(call).await;
+        match reply {
+            Some(reply) => {
+                let _ = reply.send(result);
+            }
+            None => {
+                if let Err(e) = result {
+                    tracing::warn!(%call_id, error = %e, "the call could not be placed");
+                }
+            }
+        }
+    }
+
+    async fn try_place(&self, call: Call) -> Result<Call> {
+        let shared = &self.shared;
+        let call_id = call.call_id;
+        let attempt = call.attempt_number;
+        let channel_id = call.channel_id();
+        // Recorded first: after a crash from here on, whether Asterisk took it is for Asterisk
+        // to say, and the call is never dialled again.
+        let sent =
+            self.write_or_apply(call_id, Transition::new(Step::Sent, "sent to Asterisk").for_attempt(attempt)).await?;
+        if !sent.is_active() || sent.attempt_number != attempt || sent.dialed_at.is_some() {
+            return Ok(sent); // canceled, or moved on meanwhile
+        }
+        let listening = self.is_connected();
+        self.shared.calls.with(call_id, |c| c.tracker.sending(listening));
+        let mut variables = call.spec.variables.clone();
+        variables.insert("IVR_CALL_ID".into(), call_id.to_string());
+        variables.insert("IVR_ATTEMPT".into(), attempt.to_string());
+        let request = OriginateRequest {
+            endpoint: shared.settings.endpoint_template.replace("{number}", call.spec.phone_number.as_str()),
+            channel_id: channel_id.clone(),
+            target: OriginateTarget::App { app: shared.ari.config().app.clone(), app_args: None },
+            caller_id: call.spec.caller_id.clone(),
+            timeout_secs: Some(call.spec.timeout_secs),
+            variables,
+        };
+        let started = Instant::now();
+        let outcome = self.send_originate(call_id, &request, started + shared.settings.originate_retry_window).await;
+        shared.metrics.originate_seconds.observe(started.elapsed().as_secs_f64());
+        let canceled = || shared.calls.with(call_id, |c| c.tracker.is_canceled()).unwrap_or(true);
+        let refused = match outcome {
+            Sent::Placed(channel_name) => return self.placed(call_id, attempt, channel_name, canceled()).await,
+            Sent::Refused(e) => e,
+            Sent::Unanswered(e) => {
+                // Placed or not, only Asterisk knows now.
+                return match shared.ari.get_channel(&channel_id).await {
+                    Ok(channel) => self.placed(call_id, attempt, Some(channel.name), canceled()).await,
+                    Err(_) => {
+                        let cause = format!("Asterisk could not be reached to place the call: {e}");
+                        let lost = Transition::new(Step::Ended { reason_if_unanswered: FailureReason::Lost }, &cause);
+                        let call = self.write_or_apply(call_id, lost.for_attempt(attempt)).await?;
+                        if call.history.last().is_some_and(|r| r.cause != cause) {
+                            return Ok(call); // it ended meanwhile, by its own events or a cancel
+                        }
+                        shared.metrics.originations.with_label_values(&["lost"]).inc();
+                        Err(Error::AsteriskUnreachable { call: Box::new(call), source: e })
+                    }
+                };
+            }
+        };
+        shared.metrics.originations.with_label_values(&["failed"]).inc();
+        tracing::warn!(%call_id, attempt, error = %refused, "originate refused");
+        let failed = Transition::new(
+            Step::Ended { reason_if_unanswered: FailureReason::OriginateFailed },
+            format!("originate refused: {refused}"),
+        )
+        .for_attempt(attempt);
+        let call = self.write_or_apply(call_id, failed).await?;
+        Err(Error::OriginateFailed { call: Box::new(call), source: refused })
+    }
+
+    /// `POST /channels`, sent again while the connection fails, until `give_up`.
+    async fn send_originate(&self, call_id: CallId, request: &OriginateRequest, give_up: Instant) -> Sent {
+        let ari = &self.shared.ari;
+        let mut pause = RESEND_MIN;
+        loop {
+            self.shared.metrics.originate_requests.inc();
+            match ari.originate(request).await {
+                Ok(channel) => return Sent::Placed(Some(channel.name)),
+                // Our own channel id already exists: an earlier send of this attempt was placed.
+                Err(AriError::Conflict { .. }) => {
+                    return Sent::Placed(ari.get_channel(&request.channel_id).await.ok().map(|c| c.name))
+                }
+                Err(e) if is_connection_failure(&e) => {
+                    self.count_ari_error(&e);
+                    let canceled = self.shared.calls.with(call_id, |c| c.tracker.is_canceled()).unwrap_or(true);
+                    if canceled || Instant::now() + pause > give_up {
+                        return Sent::Unanswered(e);
+                    }
+                    // We cannot tell whether Asterisk took it. Sending it again with the same
+                    // channel id is safe: a 409 then means it did.
+                    tracing::warn!(%call_id, error = %e, ?pause, "originate unanswered; sending it again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(RESEND_MAX);
+                }
+                Err(e) => {
+                    self.count_ari_error(&e);
+                    return Sent::Refused(e);
+                }
+            }
+        }
+    }
+
+    async fn placed(
+        &self,
+        call_id: CallId,
+        attempt: u32,
+        channel_name: Option<String>,
+        canceled: bool,
+    ) -> Result<Call> {
+        let shared = &self.shared;
+        shared.metrics.originations.with_label_values(&["dialing"]).inc();
+        shared.calls.with(call_id, |c| c.tracker.dialed());
+        let mut dialing = Transition::new(Step::Dialing, "originate accepted").for_attempt(attempt);
+        if let Some(name) = channel_name {
+            dialing = dialing.channel(name);
+        }
+        let call = self.write_or_apply(call_id, dialing).await?;
+        if canceled {
+            // Canceled while the originate was in flight: do not leave it ringing.
+            if let Err(e) = shared.ari.hangup(&call_id.channel_id(attempt)).await {
+                if !matches!(e, AriError::NotFound { .. }) {
+                    self.count_ari_error(&e);
+                }
+            }
+        }
+        tracing::info!(%call_id, attempt, status = %call.status, "originate accepted");
+        Ok(call)
+    }
+
+    /// Makes the REST call an event asked for.
+    pub(crate) async fn run_command(&self, call_id: CallId, attempt: u32, command: Command) {
+        let ari = &self.shared.ari;
+        let channel_id = &call_id.channel_id(attempt);
+        let result = match &command {
+            Command::FinishEnd => {
+                tokio::time::sleep(SIBLING_WAIT).await;
+                self.shared.calls.with(call_id, |c| {
+                    if c.tracker.attempt() == attempt {
+                        if let Some(end) = c.tracker.finish_pending_end() {
+                            c.send(end);
+                        }
+                    }
+                });
+                return;
+            }
+            Command::OnAnswer(AnswerAction::Continue { context, extension, priority }) => {
+                ari.continue_in_dialplan(channel_id, context, extension, *priority).await
+            }
+            Command::OnAnswer(AnswerAction::Play { media }) => ari.play(channel_id, media, None).await.map(drop),
+            Command::HangUp => ari.hangup(channel_id).await,
+        };
+        match result {
+            Ok(()) | Err(AriError::NotFound { .. }) => {} // gone already: its end is on the way
+            Err(e) => {
+                tracing::warn!(%call_id, ?command, error = %e, "ARI command failed");
+                self.count_ari_error(&e);
+            }
+        }
+    }
+}
