@@ -135,12 +135,16 @@ impl Settings {
             return Err(r.error("ARI_HTTP_URL", "must not hold credentials; use ARI_USERNAME and ARI_PASSWORD"));
         }
         let ari_password = r.string("ARI_PASSWORD")?.ok_or_else(|| r.error("ARI_PASSWORD", "is required"))?;
-        let ari = AriConfig::new(
+        let mut ari = AriConfig::new(
             ari_url,
             r.string("ARI_USERNAME")?.unwrap_or_else(|| "ivr".into()),
             ari_password,
             r.string("ARI_APP")?.unwrap_or_else(|| "ivr".into()),
         );
+        // At least one REST connection beside the event WebSocket.
+        if let Some(n) = r.number("ARI_MAX_CONNECTIONS", 2, 10_000)? {
+            ari.max_connections = n as usize;
+        }
         let endpoint_template = r.string("ARI_ENDPOINT_TEMPLATE")?.unwrap_or(defaults.endpoint_template.clone());
         if !endpoint_template.contains("{number}") {
             return Err(r.error("ARI_ENDPOINT_TEMPLATE", "must contain {number}"));
@@ -278,6 +282,9 @@ mod tests {
         assert!(!s.metrics_enabled && s.docs_enabled);
         assert_eq!(s.db.bcrypt_cost, 12);
         assert_eq!(s.log_format, LogFormat::Text);
+        assert_eq!(s.ari.max_connections, 20);
+        let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("ARI_MAX_CONNECTIONS", "50")]).unwrap();
+        assert_eq!(s.ari.max_connections, 50);
     }
 
     #[test]
@@ -304,6 +311,7 @@ mod tests {
             ("ARI_HTTP_URL", "http://ivr:pw@127.0.0.1:8088/ari"),
             ("BCRYPT_COST", "3"),
             ("METRICS_ENABLED", "2"),
+            ("ARI_MAX_CONNECTIONS", "1"),
         ] {
             let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), (var, bad)]).unwrap_err();
             assert_eq!(e.variable, var, "{e}");

@@ -12,7 +12,7 @@
 //! 2. Every event names its channel; ids that do not parse as one of ours, or belong to no
 //!    live call, are dropped after a hash lookup. The rest go through the call's
 //!    tracker (`follow.rs`), which turns them into transitions; the store applies them atomically.
-//! 3. After every WebSocket (re)connect, every dropped event and every missed deadline, active
+//! 3. After every WebSocket (re)connect and every missed deadline, active
 //!    calls are reconciled with `GET /channels/{id}`: a channel Asterisk no longer knows ends
 //!    the call (`lost` if it was never answered).
 
@@ -426,7 +426,7 @@ impl CallManager {
         };
         let started = Instant::now();
         let mut result = shared.ari.originate(&request).await;
-        if let Err(e @ (AriError::Timeout(_) | AriError::Transport(_))) = &result {
+        if let Some(e) = result.as_ref().err().filter(|e| e.is_connection_failure()) {
             // We cannot tell whether Asterisk took it. Asking again with the same channel id is
             // safe: a 409 then means it did.
             tracing::warn!(call_id = %call.call_id, error = %e, "originate unanswered; asking again");
@@ -560,10 +560,6 @@ impl CallManager {
                 }
                 self.note_startup_time().await;
                 self.spawn_reconcile("event stream connected");
-            }
-            StreamItem::Dropped { count } => {
-                shared.metrics.events_dropped.inc_by(count);
-                self.spawn_reconcile("events were dropped");
             }
             StreamItem::ConnectFailed { .. } | StreamItem::Disconnected { .. } | StreamItem::Replaced { .. } => {
                 shared.connected.store(false, Ordering::Relaxed);
