@@ -33,7 +33,8 @@ use crate::call::{now, Call, CallId, CallStatus, FailureReason, NewCall, PhoneNu
 use crate::error::{Conflict, Error, Result};
 use crate::store::{Applied, CallPage, CallQuery, CallStore};
 
-mod follow;
+// `pub(crate)` for `crate::ingest`, the event path without a store (benchmarks).
+pub(crate) mod follow;
 mod metrics;
 
 use follow::{AnswerAction, Command, Half, Tracker};
