@@ -336,3 +336,24 @@ fn max_connections_leaves_one_for_the_websocket() {
     let e = AriClient::new(config).unwrap_err();
     assert!(e.to_string().contains("at least 2"), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_given_up_half_way_do_not_open_extra_connections() {
+    let (fake, ari, _events) = limited_fake(4, 4).await;
+    fake.set_originate_delay(Duration::from_millis(300));
+    // Three originates (every REST connection) whose callers give up at once.
+    let given_up: Vec<_> = (0..3)
+        .map(|i| {
+            let ari = ari.clone();
+            tokio::spawn(async move { ari.originate(&originate("+15550000004", &format!("given-up-{i}"))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    given_up.iter().for_each(|task| task.abort());
+    let results = within("20 requests", futures_util::future::join_all((0..20).map(|_| ari.asterisk_info()))).await;
+    assert!(results.iter().all(Result::is_ok), "{:?}", results.iter().find(|r| r.is_err()));
+    let seen = fake.stats();
+    assert!(seen.peak_sessions <= 4 && seen.refused_sessions == 0, "{seen:?}");
+    // The abandoned originates were still carried out, once each.
+    assert_eq!(seen.originates, 3);
+}

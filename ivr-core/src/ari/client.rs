@@ -273,7 +273,13 @@ impl AriClient {
             None => request.body(Full::new(Bytes::new())),
         }
         .map_err(|e| AriError::Config(format!("cannot form the request: {e}")))?;
-        let (status, bytes) = inner.pool.send(request, inner.config.request_timeout).await?;
+        // On a task of its own: a caller that gives up (e.g. its HTTP client went away) does not
+        // cut the request off half-way. Asterisk would carry it out anyway, and would count
+        // the abandoned connection as a session until then, while we opened another.
+        let owner = inner.clone();
+        let exchange = tokio::spawn(async move { owner.pool.send(request, owner.config.request_timeout).await });
+        let (status, bytes) =
+            exchange.await.map_err(|e| AriError::Transport(format!("the request's task failed: {e}")))??;
         if status.is_success() {
             return Ok(bytes);
         }

@@ -4,10 +4,12 @@
 //! answering, so the number of *connections* must be bounded, not only the requests in flight.
 //! A general-purpose pool (hyper-util's, which reqwest uses) opens a new connection whenever
 //! none is idle at the instant a request starts, even if one is about to come back, so a
-//! burst opens more connections than it has requests in flight. Here a request holds one of
-//! `limit` permits from before it takes a connection until that connection is back in the
-//! idle list, and only opens a connection when none is idle: connections open (in use plus
-//! idle) never exceed the permits.
+//! burst opens more connections than it has requests in flight.
+//!
+//! Here each open connection holds one of `limit` permits, from before it is made until it
+//! has closed (its driver task ends), so a request dropped half-way (its caller gave up) frees
+//! its permit only once its connection is really gone. A request takes an idle connection, or
+//! opens one when a permit is free, or waits for whichever comes first.
 
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -17,8 +19,10 @@ use hyper::body::Bytes;
 use hyper::client::conn::http1::{self, SendRequest};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
+use std::sync::Arc;
 use tokio::net::TcpStream;
-use tokio::sync::Semaphore;
+
+use tokio::sync::{Notify, Semaphore};
 use tokio::time::{timeout_at, Instant};
 
 use super::AriError;
@@ -33,8 +37,11 @@ pub(crate) struct Pool {
     addr: String,
     connect_timeout: Duration,
     limit: usize,
-    permits: Semaphore,
+    /// One per open connection, held by its driver task.
+    permits: Arc<Semaphore>,
     idle: Mutex<Vec<Idle>>,
+    /// Told when a connection goes back to the idle list.
+    returned: Notify,
 }
 
 struct Idle {
@@ -50,7 +57,14 @@ impl std::fmt::Debug for Pool {
 
 impl Pool {
     pub fn new(addr: String, limit: usize, connect_timeout: Duration) -> Pool {
-        Pool { addr, connect_timeout, limit, permits: Semaphore::new(limit), idle: Mutex::new(Vec::new()) }
+        Pool {
+            addr,
+            connect_timeout,
+            limit,
+            permits: Arc::new(Semaphore::new(limit)),
+            idle: Mutex::new(Vec::new()),
+            returned: Notify::new(),
+        }
     }
 
     /// Sends `request` and reads the whole answer, all within `timeout`: the wait for a free
@@ -61,15 +75,16 @@ impl Pool {
         timeout: Duration,
     ) -> Result<(StatusCode, Bytes), AriError> {
         let deadline = Instant::now() + timeout;
-        let _permit = match timeout_at(deadline, self.permits.acquire()).await {
-            Ok(Ok(permit)) => permit,
-            // The semaphore is never closed; a closed one would mean no connection either.
-            Ok(Err(_)) | Err(_) => return Err(AriError::NoFreeConnection { limit: self.limit, waited: timeout }),
-        };
         loop {
             let (mut sender, reused) = match self.take_idle() {
                 Some(sender) => (sender, true),
-                None => (self.connect(deadline).await?, false),
+                None => match timeout_at(deadline, self.free_connection()).await {
+                    Ok(Some(permit)) => (self.connect(permit, deadline).await?, false),
+                    // One went back to the idle list: take it (or, if another request was
+                    // quicker, wait again).
+                    Ok(None) => continue,
+                    Err(_) => return Err(AriError::NoFreeConnection { limit: self.limit, waited: timeout }),
+                },
             };
             match timeout_at(deadline, sender.ready()).await {
                 Err(_) => return Err(AriError::Timeout(timeout)),
@@ -96,7 +111,6 @@ impl Pool {
                 Ok(Err(e)) => return Err(AriError::Transport(describe(&e))),
                 Ok(Ok(body)) => body.to_bytes(),
             };
-            // Back in the idle list before the permit is released (it is dropped after).
             self.put_idle(sender);
             return Ok((status, body));
         }
@@ -121,10 +135,24 @@ impl Pool {
     fn put_idle(&self, sender: SendRequest<Full<Bytes>>) {
         if !sender.is_closed() {
             self.idle().push(Idle { sender, since: Instant::now() });
+            self.returned.notify_one();
         }
     }
 
-    async fn connect(&self, deadline: Instant) -> Result<SendRequest<Full<Bytes>>, AriError> {
+    /// A permit for a new connection, or `None` when an idle connection may be available.
+    async fn free_connection(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        tokio::select! {
+            // The semaphore is never closed; a closed one would mean no new connection.
+            permit = self.permits.clone().acquire_owned() => permit.ok(),
+            () = self.returned.notified() => None,
+        }
+    }
+
+    async fn connect(
+        &self,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        deadline: Instant,
+    ) -> Result<SendRequest<Full<Bytes>>, AriError> {
         let connect_by = deadline.min(Instant::now() + self.connect_timeout);
         let stream = match timeout_at(connect_by, TcpStream::connect(&self.addr)).await {
             Err(_) if connect_by < deadline => {
@@ -143,9 +171,12 @@ impl Pool {
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| AriError::Connect(format!("{}: {}", self.addr, describe(&e))))?;
-        // Drives the connection until it closes (Asterisk hangs up, or the sender is dropped).
+        // Drives the connection until it closes (Asterisk hangs up, or the sender is dropped:
+        // after a failure, past IDLE_MAX, or with a request given up half-way); only then is
+        // its permit free for another.
         tokio::spawn(async move {
             let _ = connection.await;
+            drop(permit);
         });
         Ok(sender)
     }

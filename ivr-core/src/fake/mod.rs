@@ -52,6 +52,12 @@
 //!
 //! Other ARI resources (bridges, recordings, `/playbacks`, …) answer 404 `Resource not found`.
 //!
+//! Like Asterisk's HTTP server it admits [`FakeConfig::session_limit`] connections at once (event
+//! sockets included; `sessionlimit`, 100) and closes any beyond them before answering, and it
+//! closes an event socket whose client stops reading for longer than
+//! [`FakeConfig::websocket_write_timeout`]. [`FakeAsterisk::stats`] tells the peak session
+//! count, the refused connections and the requests a reconcile makes.
+//!
 //! # Endpoints and callees
 //!
 //! - `Local/<number>@sim` creates the Local pair of the recordings: the originated channel
