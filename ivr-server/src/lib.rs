@@ -5,10 +5,13 @@
 //! completes, so tests run exactly what the binary runs, on port 0.
 //!
 //! - [`router`]: the route table and the one `match` that resolves it.
-//! - [`api`]: the handlers; every failure becomes a [`problem::Problem`] (RFC 9457).
+//! - [`api`]: the handlers, each with its OpenAPI operation; every failure becomes a
+//!   [`problem::Problem`] (RFC 9457).
+//! - [`request`], [`fields`], [`view`]: what the API reads and writes; each type parses (or
+//!   shows) and documents itself.
 //! - [`auth`], [`users`]: access tokens (HS256) and the users table.
-//! - [`sse`], [`openapi`], [`metrics`]: the event stream, the API document and page, the
-//!   Prometheus registry.
+//! - [`sse`], [`openapi`], [`metrics`]: the event stream, the generated API document and the
+//!   Swagger UI page, the Prometheus registry.
 //! - [`settings`], [`cli`], [`logging`], [`app`]: configuration, subcommands, logs, assembly.
 
 use std::sync::Arc;
@@ -23,10 +26,12 @@ pub mod app;
 pub mod auth;
 pub mod body;
 pub mod cli;
+pub mod fields;
 pub mod logging;
 pub mod metrics;
 pub mod openapi;
 pub mod problem;
+pub mod request;
 pub mod router;
 pub mod server;
 pub mod settings;
@@ -50,6 +55,8 @@ struct Inner {
     http_metrics: metrics::HttpMetrics,
     options: Options,
     closing: watch::Sender<bool>,
+    /// The OpenAPI document, for this server's settings.
+    openapi: hyper::body::Bytes,
 }
 
 /// Switches and bounds of the HTTP layer.
@@ -79,7 +86,10 @@ impl AppState {
     ) -> prometheus::Result<Self> {
         let http_metrics = metrics::HttpMetrics::register(&registry)?;
         let (closing, _) = watch::channel(false);
-        Ok(AppState { inner: Arc::new(Inner { manager, users, tokens, registry, http_metrics, options, closing }) })
+        let openapi = openapi::document_json(manager.settings().max_attempts).into();
+        Ok(AppState {
+            inner: Arc::new(Inner { manager, users, tokens, registry, http_metrics, options, closing, openapi }),
+        })
     }
 
     pub fn manager(&self) -> &CallManager {
@@ -100,6 +110,11 @@ impl AppState {
 
     pub fn options(&self) -> &Options {
         &self.inner.options
+    }
+
+    /// The OpenAPI document served at `/openapi.json`.
+    pub fn openapi_json(&self) -> hyper::body::Bytes {
+        self.inner.openapi.clone()
     }
 
     pub(crate) fn http_metrics(&self) -> &metrics::HttpMetrics {
