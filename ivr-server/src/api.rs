@@ -177,7 +177,7 @@ pub(crate) async fn token(state: &AppState, parts: &Parts, body: Bytes) -> Resul
     Ok(response)
 }
 
-/// Place a call to `number`.
+/// Place a call to the number in the path.
 ///
 /// The body is optional: without one, every option takes its default.
 #[utoipa::path(post, path = "/api/v1/interaction/{number}", tag = "calls", operation_id = "interaction",
@@ -211,7 +211,7 @@ pub(crate) async fn interaction(
         CallBody::default()
     } else {
         body::require_media_type(&parts.headers, "application/json")?;
-        CallBody::from_json(&bytes)?
+        CallBody::options_from_json(&bytes)?
     };
     if options.phone_number.is_some() {
         return Err(Problem::bad_request("phone_number is given in the path; leave it out of the body"));
@@ -361,7 +361,7 @@ pub(crate) async fn cancel_call(state: &AppState, call_id: &str) -> Result<Respo
     security(("bearer" = []), ("oauth2" = [])),
     params(("call_id" = String, Path, format = "uuid", description = "The call's id")),
     responses(
-        (status = 200, description = "A stream of `status` events, each a Call", body = String,
+        (status = 200, description = "A stream of `status` events, each a Call", body = crate::sse::EventSchema,
             content_type = "text/event-stream"),
         (status = 400, response = Problem),
         (status = 401, response = Problem),

@@ -311,10 +311,36 @@ impl<const MIN: u32, const MAX: u32> Bounded<MIN, MAX> {
     }
 }
 
+/// Reads a JSON number that is a whole number, as JSON Schema's `integer` is: `816.0` too.
 impl<'de, const MIN: u32, const MAX: u32> Deserialize<'de> for Bounded<MIN, MAX> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let value = u64::deserialize(deserializer)?;
-        Self::check(value, "the value").map_err(serde::de::Error::custom)
+        struct Whole<const MIN: u32, const MAX: u32>;
+        impl<const MIN: u32, const MAX: u32> serde::de::Visitor<'_> for Whole<MIN, MAX> {
+            type Value = Bounded<MIN, MAX>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                write!(f, "a whole number from {MIN} to {MAX}")
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Self::Value, E> {
+                Bounded::check(v, "the value").map_err(E::custom)
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Self::Value, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format_args!("{v} is not from {MIN} to {MAX}")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+
+            fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+                if v.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&v) {
+                    self.visit_u64(v as u64)
+                } else {
+                    Err(E::custom(format_args!("{v} is not a whole number from {MIN} to {MAX}")))
+                }
+            }
+        }
+        deserializer.deserialize_any(Whole::<MIN, MAX>)
     }
 }
 
@@ -408,6 +434,8 @@ mod tests {
         }
         assert!(serde_json::from_str::<Timeout>("0").is_err());
         assert!(serde_json::from_str::<Timeout>("1.5").is_err());
+        assert!(serde_json::from_str::<Timeout>("-3").is_err());
+        assert_eq!(serde_json::from_str::<Timeout>("30.0").unwrap(), Bounded(30));
         assert_eq!(serde_json::from_str::<Timeout>("3600").unwrap(), Bounded(3600));
     }
 }

@@ -84,6 +84,14 @@ impl CallBody {
         serde_json::from_slice(bytes).map_err(|e| Problem::bad_request(format!("invalid JSON body: {e}")))
     }
 
+    /// Reads the options body of the interaction route, where `null` (like no body) means
+    /// every default.
+    pub fn options_from_json(bytes: &[u8]) -> Result<Self, Problem> {
+        serde_json::from_slice::<Option<CallBody>>(bytes)
+            .map(Option::unwrap_or_default)
+            .map_err(|e| Problem::bad_request(format!("invalid JSON body: {e}")))
+    }
+
     /// The engine's request for `phone_number` (checked) with these options.
     pub fn into_request(self, phone_number: &PhoneText, idempotency_key: Option<String>) -> CallRequest {
         CallRequest {
@@ -281,6 +289,8 @@ mod tests {
             r#"{"phone_number": "+15550000001", "audio": ""}"#,
             r#"{"phone_number": "+15550000001", "timeout": 0}"#,
             r#"{"phone_number": "+15550000001", "priority": 0}"#,
+            r#"{"phone_number": "+15550000001", "priority": 1.5}"#,
+            r#"{"phone_number": "+15550000001", "priority": -1}"#,
             r#"{"phone_number": "+15550000001", "variables": {"a b": "x"}}"#,
             r#"{"phone_number": "+15550000001", "extra": 1}"#,
         ] {
