@@ -34,9 +34,9 @@ pub const KINDS: &[(&str, &str, u16, &str)] = &[
     ("not-ready", "Not ready", 503, "The store is not reachable or the ARI event connection is down."),
 ];
 
-/// The body of every error answer, as the OpenAPI document shows it: the standard members and
-/// the extension members some problems add (the `problem_members_are_documented` test keeps
-/// this list true).
+// The OpenAPI document's schema of a problem: the standard members and the extension members
+// some problems add (the `problem_members_are_documented` test keeps this list true).
+/// The body of every error answer (RFC 9457).
 #[derive(Serialize, ToSchema)]
 #[schema(as = Problem)]
 pub struct ProblemSchema {

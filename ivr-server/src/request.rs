@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use ivr_core::{CallQuery, CallRequest};
 use serde::Deserialize;
+use serde_json::json;
 use utoipa::openapi::schema::Schema;
 use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, PartialSchema, ToSchema};
@@ -23,7 +24,7 @@ use crate::problem::Problem;
 /// the same without `phone_number` (the `CallOptions` schema). Unknown fields are refused.
 #[derive(Debug, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-#[schema(as = CallRequest)]
+#[schema(as = CallRequest, example = json!({"phone_number": "+15550000001", "timeout": 30}))]
 pub struct CallBody {
     /// The number to call.
     #[serde(default, deserialize_with = "present")]
@@ -62,6 +63,7 @@ impl PartialSchema for CallOptions {
             object.properties.shift_remove("phone_number");
             object.required.retain(|name| name != "phone_number");
             object.description = Some("The options of a call: every field may be left out or null.".into());
+            object.example = Some(json!({"timeout": 30, "audio": "sound:hello-world"}));
         }
         schema
     }

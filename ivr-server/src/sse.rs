@@ -25,8 +25,8 @@ struct State {
     closing: watch::Receiver<bool>,
 }
 
-/// One event of the stream as an SSE client reads it: the OpenAPI document's schema of the
-/// stream's items ([`event`] writes them).
+// The OpenAPI document's schema of the stream's items; `event` below writes them.
+/// One event of the stream, as an SSE client reads it.
 #[derive(ToSchema)]
 #[schema(as = CallEvent)]
 pub struct EventSchema {
