@@ -232,7 +232,11 @@ pub fn docs_html() -> &'static str {
             "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
              <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
              <title>ivr API</title>\n<link rel=\"icon\" href=\"data:,\">\
-             <link rel=\"stylesheet\" href=\"/docs/swagger-ui.css\">\n</head><body>\n\
+             <link rel=\"stylesheet\" href=\"/docs/swagger-ui.css\">\n\
+             <style>#problems{padding-bottom:3rem}#problems table{border-collapse:collapse;width:100%}\
+             #problems th,#problems td{padding:.4rem .8rem;text-align:left;vertical-align:top;\
+             border-bottom:1px solid #e8e8e8}#problems td:nth-child(2){white-space:nowrap}</style>\n\
+             </head><body>\n\
              <div id=\"swagger-ui\"></div>\n\
              <section id=\"problems\" class=\"swagger-ui\"><div class=\"wrapper\">\
              <h2>Problems</h2>\n<p>Errors are <code>application/problem+json</code> (RFC 9457) with \

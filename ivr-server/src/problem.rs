@@ -38,7 +38,12 @@ pub const KINDS: &[(&str, &str, u16, &str)] = &[
 // some problems add (the `problem_members_are_documented` test keeps this list true).
 /// The body of every error answer (RFC 9457).
 #[derive(Serialize, ToSchema)]
-#[schema(as = Problem)]
+#[schema(as = Problem, example = json!({
+    "type": "/docs#problem-invalid-phone-number",
+    "title": "Invalid phone number",
+    "status": 400,
+    "detail": "phone_number must be a phone number: an optional '+' and 3 to 15 digits",
+}))]
 pub struct ProblemSchema {
     /// `/docs#problem-<kind>`: the kind, described on the docs page.
     #[serde(rename = "type")]
