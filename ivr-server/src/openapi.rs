@@ -325,11 +325,39 @@ mod tests {
         assert!(serde_json::to_string(&body["properties"]["max_attempts"]).unwrap().contains("\"maximum\":7"));
         let options = &spec["components"]["schemas"]["CallOptions"];
         assert!(options["properties"]["phone_number"].is_null() && options["properties"]["audio"].is_object());
-        assert_eq!(spec["components"]["schemas"]["TokenForm"]["additionalProperties"], false);
+        let form = &spec["components"]["schemas"]["TokenForm"];
+        assert_eq!(form["additionalProperties"], false);
+        assert!(!serde_json::to_string(form).unwrap().contains("null"), "a form has no nulls: {form}");
         let list = &spec["paths"]["/api/v1/calls"]["get"]["parameters"];
         let phone = list.as_array().unwrap().iter().find(|p| p["name"] == "phone_number").unwrap();
         assert!(serde_json::to_string(phone).unwrap().contains("PhoneText"), "{phone}");
         assert_eq!(spec["components"]["schemas"]["PhoneText"]["pattern"], "^\\+?[0-9]{3,15}$");
+    }
+
+    #[test]
+    fn an_event_of_the_stream_is_what_the_document_says() {
+        let call = ivr_core::Call::new(
+            ivr_core::CallId::new(),
+            ivr_core::store::conformance::new_call("+15550000001"),
+            ivr_core::call::now(),
+        );
+        let bytes = crate::sse::event(&call);
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let fields: std::collections::BTreeMap<&str, &str> =
+            text.lines().filter_map(|line| line.split_once(": ")).collect();
+        let spec = spec();
+        let op = &spec["paths"]["/api/v1/calls/{call_id}/events"]["get"];
+        let schema = &op["responses"]["200"]["content"]["text/event-stream"]["schema"];
+        assert_eq!(schema["$ref"], "#/components/schemas/CallEvent");
+        let event = &spec["components"]["schemas"]["CallEvent"];
+        let documented: BTreeSet<&str> = event["properties"].as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(documented, fields.keys().copied().collect());
+        assert_eq!(fields["event"], "status");
+        assert!(fields["id"].bytes().all(|b| b.is_ascii_digit()));
+        let data: Value = serde_json::from_str(fields["data"]).unwrap();
+        let call_schema = spec["components"]["schemas"]["Call"]["properties"].as_object().unwrap();
+        let served: BTreeSet<&str> = data.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(served, call_schema.keys().map(String::as_str).collect());
     }
 
     #[test]

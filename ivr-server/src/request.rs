@@ -122,14 +122,18 @@ impl CallBody {
 #[serde(deny_unknown_fields)]
 pub struct TokenForm {
     /// Only `password`; may be left out.
+    #[schema(nullable = false)]
     pub grant_type: Option<GrantType>,
     pub username: String,
     pub password: String,
     /// Accepted and ignored (OAuth2 clients send it).
+    #[schema(nullable = false)]
     pub scope: Option<String>,
     /// Accepted and ignored.
+    #[schema(nullable = false)]
     pub client_id: Option<String>,
     /// Accepted and ignored.
+    #[schema(nullable = false)]
     pub client_secret: Option<String>,
 }
 
@@ -176,7 +180,8 @@ pub struct ListQuery {
     /// Only calls created before this time.
     #[param(inline, nullable = false)]
     pub to: Option<Timestamp>,
-    /// Only calls to this number.
+    /// Only calls to this number. (A `+` sent unencoded arrives as a space, and is read as
+    /// the `+` it was.)
     #[param(nullable = false)]
     pub phone_number: Option<PhoneText>,
     /// Calls per page (default 100).
