@@ -12,7 +12,9 @@ budget="${IVR_SCHEMATHESIS_SECONDS:-120}"
 
 if ! schemathesis --version 2>/dev/null | grep -q 'version 4\.'; then
   echo "installing schemathesis 4"
-  python3 -m pip install --quiet --disable-pip-version-check 'schemathesis>=4,<5'
+  # (A Debian system Python refuses plain pip installs; there it goes beside its packages.)
+  python3 -m pip install --quiet --disable-pip-version-check 'schemathesis>=4,<5' 2>/dev/null \
+    || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'schemathesis>=4,<5'
 fi
 
 cargo build --quiet --locked --example demo

@@ -89,7 +89,7 @@ try {
   console.log(`docs: Try it out listed calls (${listed.status()})`);
 
   await list.locator(".opblock-summary").click();
-  await page.evaluate(() => window.scrollTo(0, 0));
+  await page.evaluate(() => { document.activeElement?.blur(); window.scrollTo(0, 0); });
   await page.screenshot({ path: screenshot });
   console.log(`docs: ${requests.length} requests, all to ${origin}; screenshot ${screenshot}`);
 } finally {

@@ -316,7 +316,7 @@ pub(crate) async fn get_call(state: &AppState, call_id: &str) -> Result<Response
     Ok(body::json(StatusCode::OK, &CallView::from(&call)))
 }
 
-/// One call (the same as `GET /api/v1/calls/{call_id}`).
+/// One call (the same as GET /api/v1/calls/{call_id}).
 #[utoipa::path(get, path = "/api/v1/status/{call_id}", tag = "calls", operation_id = "callStatus",
     security(("bearer" = []), ("oauth2" = [])),
     params(("call_id" = String, Path, format = "uuid", description = "The call's id")),

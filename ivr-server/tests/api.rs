@@ -368,7 +368,10 @@ async fn health_docs_and_metrics_gating() {
     assert_eq!((status, body), (200, json!({"status": "ok"})));
     let body = problem(c.get(server.url("/readyz")), 503).await;
     assert_eq!((body["store"].as_str(), body["ari"].as_str()), (Some("ok"), Some("disconnected")));
-    let docs = within("docs", within("get", c.get(server.url("/docs")).send()).await.unwrap().text()).await.unwrap();
+    let response = within("get", c.get(server.url("/docs")).send()).await.unwrap();
+    let policy = response.headers()["content-security-policy"].to_str().unwrap().to_owned();
+    assert!(policy.contains("default-src 'none'") && policy.contains("connect-src 'self'"), "{policy}");
+    let docs = within("docs", response.text()).await.unwrap();
     assert!(docs.contains("<html") && docs.contains("/docs/swagger-ui-bundle.js"), "{docs}");
     let response = within("docs file", c.get(server.url("/docs/swagger-ui-bundle.js")).send()).await.unwrap();
     assert_eq!(response.status(), 200);
