@@ -14,6 +14,13 @@ mod memory {
     }
 
     ivr_core::call_store_conformance!(store);
+
+    /// MEMORY_MAX_CALLS: the memory store's bound on ended calls (the SQL stores keep every call).
+    #[tokio::test]
+    async fn keeps_at_most_max_ended_calls() {
+        let check = conformance::keeps_at_most_max_ended_calls(Arc::new(MemoryCallStore::with_max_ended(5)), 5);
+        tokio::time::timeout(std::time::Duration::from_secs(60), check).await.expect("the bound check finishes");
+    }
 }
 
 mod sqlite {

@@ -94,12 +94,26 @@ fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     response
 }
 
-/// Checks the bearer token, and that its user still exists and is enabled.
+/// Checks the bearer token, and that its user still exists and is enabled. A verified token
+/// is remembered until its `exp`, and a user found enabled for USER_CACHE_SECONDS (cache.rs).
 async fn authenticate(state: &AppState, parts: &Parts) -> Result<String, Problem> {
-    let sub = state.tokens().authenticate(&parts.headers)?;
+    let token = crate::auth::bearer(&parts.headers)?;
+    let now = crate::auth::unix_now();
+    let sub = match state.verified_tokens().get(token, now) {
+        Some(sub) => sub,
+        None => {
+            let (sub, exp) = state.tokens().verify_claims(token)?;
+            state.verified_tokens().insert(token, &sub, exp, now);
+            sub
+        }
+    };
     if let Some(users) = state.users() {
+        if state.enabled_users().is_fresh(&sub) {
+            return Ok(sub);
+        }
+        let asked = tokio::time::Instant::now();
         match users.is_enabled(&sub).await {
-            Ok(true) => {}
+            Ok(true) => state.enabled_users().enabled_at(&sub, asked),
             Ok(false) => return Err(crate::auth::TokenError::UnknownUser.into()),
             Err(e) => {
                 tracing::warn!(error = %e, "user store unavailable");
@@ -330,8 +344,16 @@ pub(crate) async fn list_calls(state: &AppState, parts: &Parts) -> Result<Respon
     ))]
 pub(crate) async fn get_call(state: &AppState, call_id: &str) -> Result<Response<Body>, Problem> {
     let call_id = parse_call_id(call_id)?;
+    // An ended call never changes: its answer, once made, is kept (cache.rs).
+    if let Some(answer) = state.answers().get(call_id) {
+        return Ok(body::json_bytes(StatusCode::OK, answer));
+    }
     let call = state.manager().get(call_id).await?.ok_or(ivr_core::Error::NotFound(call_id))?;
-    Ok(body::json(StatusCode::OK, &CallView::from(&call)))
+    let answer = body::to_json(&CallView::from(&call));
+    if call.is_completed() {
+        state.answers().insert_ended(call_id, answer.clone());
+    }
+    Ok(body::json_bytes(StatusCode::OK, answer))
 }
 
 /// One call (the same as GET /api/v1/calls/{call_id}).

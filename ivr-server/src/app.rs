@@ -57,7 +57,8 @@ impl Stores {
     /// Opens the database (running both sets of migrations), or memory with DISABLE_DB.
     pub async fn open(db: &DbSettings) -> Result<Stores, StartError> {
         let Some(url) = &db.database_url else {
-            return Ok(Stores { calls: Arc::new(MemoryCallStore::new()), sql: None, users: None });
+            let memory = MemoryCallStore::with_max_ended(db.memory_max_calls);
+            return Ok(Stores { calls: Arc::new(memory), sql: None, users: None });
         };
         let sql = SqlCallStore::connect(url.expose()).await.map_err(StartError::Store)?;
         Self::on(sql, db.bcrypt_cost).await
@@ -107,6 +108,7 @@ impl App {
             login: settings.login.clone(),
             trusted_proxies: settings.trusted_proxies.clone(),
             policy: settings.policy.clone(),
+            caches: settings.caches.clone(),
         };
         let state = AppState::new(manager, stores.users.clone(), Tokens::new(&settings.auth), registry, options)
             .map_err(StartError::Metrics)?;

@@ -55,6 +55,7 @@ struct OutgoingClaims<'a> {
 struct IncomingClaims {
     sub: String,
     iat: u64,
+    exp: u64,
 }
 
 /// A minted token.
@@ -166,6 +167,11 @@ impl Tokens {
 
     /// The subject of a valid token.
     pub fn verify(&self, token: &str) -> Result<String, TokenError> {
+        self.verify_claims(token).map(|(sub, _)| sub)
+    }
+
+    /// The subject and `exp` (seconds since the epoch) of a valid token.
+    pub fn verify_claims(&self, token: &str) -> Result<(String, u64), TokenError> {
         // Refuse any other algorithm (and `none`) before anything else.
         let header = jsonwebtoken::decode_header(token).map_err(|e| match e.kind() {
             ErrorKind::InvalidAlgorithmName | ErrorKind::InvalidAlgorithm => TokenError::WrongAlgorithm,
@@ -199,19 +205,24 @@ impl Tokens {
         if data.claims.iat > unix_now() + LEEWAY_SECS {
             return Err(TokenError::IssuedInFuture);
         }
-        Ok(data.claims.sub)
+        Ok((data.claims.sub, data.claims.exp))
     }
 
     /// The subject of the request's bearer token.
     pub fn authenticate(&self, headers: &HeaderMap) -> Result<String, TokenError> {
-        let value = headers.get(AUTHORIZATION).ok_or(TokenError::Missing)?;
-        let value = value.to_str().map_err(|_| TokenError::Malformed)?;
-        let (scheme, token) = value.trim().split_once(' ').ok_or(TokenError::NotBearer)?;
-        if !scheme.eq_ignore_ascii_case("bearer") {
-            return Err(TokenError::NotBearer);
-        }
-        self.verify(token.trim())
+        self.verify(bearer(headers)?)
     }
+}
+
+/// The bearer token of a request's `Authorization` header.
+pub fn bearer(headers: &HeaderMap) -> Result<&str, TokenError> {
+    let value = headers.get(AUTHORIZATION).ok_or(TokenError::Missing)?;
+    let value = value.to_str().map_err(|_| TokenError::Malformed)?;
+    let (scheme, token) = value.trim().split_once(' ').ok_or(TokenError::NotBearer)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(TokenError::NotBearer);
+    }
+    Ok(token.trim())
 }
 
 /// Whether a token's header parses as JSON with an `alg` other than HS256 (e.g. `none`,

@@ -27,8 +27,17 @@ pub fn empty() -> Body {
 
 /// A JSON answer with `status`.
 pub fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    json_bytes(status, to_json(value))
+}
+
+/// A value as JSON bytes.
+pub fn to_json(value: &impl Serialize) -> Bytes {
     // Our views always serialize; an error here would be a bug in a view, answered as such.
-    let bytes = serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec());
+    serde_json::to_vec(value).unwrap_or_else(|_| b"{}".to_vec()).into()
+}
+
+/// A JSON answer with `status` and a body serialized already.
+pub fn json_bytes(status: StatusCode, bytes: Bytes) -> Response<Body> {
     let mut response = Response::new(full(bytes));
     *response.status_mut() = status;
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));

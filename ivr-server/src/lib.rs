@@ -9,7 +9,8 @@
 //!   [`problem::Problem`] (RFC 9457).
 //! - [`request`], [`fields`], [`view`]: what the API reads and writes; each type parses (or
 //!   shows) and documents itself.
-//! - [`auth`], [`users`]: access tokens (HS256) and the users table.
+//! - [`auth`], [`users`]: access tokens (HS256) and the users table; [`cache`]: the status
+//!   path's bounded caches (ended calls' answers, verified tokens, enabled users).
 //! - [`throttle`], [`client`], [`policy`]: login throttling, who the client is, which numbers
 //!   may be dialled (SECURITY.md states these promises).
 //! - [`sse`], [`openapi`], [`metrics`]: the event stream, the generated API document and the
@@ -28,6 +29,7 @@ pub mod api;
 pub mod app;
 pub mod auth;
 pub mod body;
+pub mod cache;
 pub mod cli;
 pub mod client;
 pub mod conn;
@@ -66,6 +68,9 @@ struct Inner {
     closing: watch::Sender<bool>,
     /// The OpenAPI document, for this server's settings.
     openapi: hyper::body::Bytes,
+    answers: cache::AnswerCache,
+    verified: cache::TokenCache,
+    enabled: cache::UserCache,
 }
 
 /// Switches and bounds of the HTTP layer.
@@ -83,6 +88,8 @@ pub struct Options {
     pub trusted_proxies: client::TrustedProxies,
     /// Which numbers may be dialled.
     pub policy: policy::DestinationPolicy,
+    /// Bounds of the status path's caches.
+    pub caches: cache::CacheLimits,
 }
 
 impl Default for Options {
@@ -95,6 +102,7 @@ impl Default for Options {
             login: throttle::LoginLimits::default(),
             trusted_proxies: client::TrustedProxies::default(),
             policy: policy::DestinationPolicy::default(),
+            caches: cache::CacheLimits::default(),
         }
     }
 }
@@ -114,6 +122,8 @@ impl AppState {
         let throttle = throttle::LoginThrottle::new(options.login.clone(), guard_metrics.login_throttled.clone());
         let (closing, _) = watch::channel(false);
         let openapi = openapi::document_json(manager.settings().max_attempts).into();
+        let answers = cache::AnswerCache::new(options.caches.status_bytes);
+        let enabled = cache::UserCache::new(options.caches.user_staleness);
         let inner = Inner {
             manager,
             users,
@@ -125,6 +135,9 @@ impl AppState {
             options,
             closing,
             openapi,
+            answers,
+            verified: cache::TokenCache::new(),
+            enabled,
         };
         Ok(AppState { inner: Arc::new(inner) })
     }
@@ -160,6 +173,19 @@ impl AppState {
 
     pub(crate) fn guard_metrics(&self) -> &metrics::GuardMetrics {
         &self.inner.guard_metrics
+    }
+
+    /// Ended calls' answers.
+    pub fn answers(&self) -> &cache::AnswerCache {
+        &self.inner.answers
+    }
+
+    pub(crate) fn verified_tokens(&self) -> &cache::TokenCache {
+        &self.inner.verified
+    }
+
+    pub(crate) fn enabled_users(&self) -> &cache::UserCache {
+        &self.inner.enabled
     }
 
     pub fn login_throttle(&self) -> &throttle::LoginThrottle {

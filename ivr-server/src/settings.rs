@@ -13,6 +13,7 @@ use std::time::Duration;
 use ivr_core::ari::AriConfig;
 use ivr_core::ManagerSettings;
 
+use crate::cache::CacheLimits;
 use crate::client::TrustedProxies;
 use crate::policy::DestinationPolicy;
 use crate::server::ConnectionLimits;
@@ -101,6 +102,8 @@ pub struct DbSettings {
     /// `None` with DISABLE_DB=true.
     pub database_url: Option<Secret>,
     pub bcrypt_cost: u32,
+    /// With DISABLE_DB=true: the most ended calls kept in memory (oldest ended first out).
+    pub memory_max_calls: usize,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -126,6 +129,7 @@ pub struct Settings {
     pub login: LoginLimits,
     pub trusted_proxies: TrustedProxies,
     pub policy: DestinationPolicy,
+    pub caches: CacheLimits,
 }
 
 impl Settings {
@@ -211,6 +215,11 @@ impl Settings {
             slow_after: r.number("LOGIN_SLOW_AFTER", 0, 1_000_000)?.unwrap_or(l.slow_after),
             slowdown: r.number("LOGIN_SLOWDOWN_MS", 0, 60_000)?.map_or(l.slowdown, |n| Duration::from_millis(n.into())),
         };
+        let k = CacheLimits::default();
+        let caches = CacheLimits {
+            status_bytes: r.number("STATUS_CACHE_BYTES", 0, 4_000_000_000)?.map_or(k.status_bytes, |n| n as usize),
+            user_staleness: r.number("USER_CACHE_SECONDS", 0, 60)?.map_or(k.user_staleness, secs),
+        };
         Ok(Settings {
             db,
             auth,
@@ -226,6 +235,7 @@ impl Settings {
             login,
             trusted_proxies,
             policy,
+            caches,
         })
     }
 }
@@ -271,6 +281,9 @@ impl DbSettings {
         Ok(DbSettings {
             database_url: (!disabled).then(|| Secret::new(url)),
             bcrypt_cost: r.number("BCRYPT_COST", 4, 31)?.unwrap_or(12),
+            memory_max_calls: r
+                .number("MEMORY_MAX_CALLS", 1, 100_000_000)?
+                .map_or(ivr_core::store::DEFAULT_MEMORY_MAX_CALLS, |n| n as usize),
         })
     }
 }

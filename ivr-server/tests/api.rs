@@ -52,10 +52,14 @@ async fn token_flow(server: &TestServer) {
     let json_body = client().post(server.url("/api/v1/token")).json(&json!({"username": USER, "password": PASSWORD}));
     problem(json_body, 415).await;
 
-    // A disabled user can neither log in nor use a token minted before.
+    // A disabled user can neither log in nor use a token minted before: logging in at once,
+    // the token within USER_CACHE_SECONDS (1 s by default; SECURITY.md).
     let users = server.state.users().unwrap();
+    let (status, _, _) = send(auth(client().get(server.url("/api/v1/calls")), &token)).await;
+    assert_eq!(status, 200, "the user is found enabled, and remembered so");
     within("disable", users.set_disabled(USER, true)).await.unwrap();
     problem(form(server, &format!("username={USER}&password={PASSWORD}")), 401).await;
+    tokio::time::sleep(ivr_server::cache::DEFAULT_USER_CACHE).await;
     problem(auth(client().get(server.url("/api/v1/calls")), &token), 401).await;
     within("enable", users.set_disabled(USER, false)).await.unwrap();
     let (status, _, _) = send(auth(client().get(server.url("/api/v1/calls")), &token)).await;
@@ -560,4 +564,17 @@ async fn no_secret_appears_in_the_logs() {
     let token_body = token.split('.').nth(1).unwrap();
     assert!(!logs.contains(token_body), "a token's claims part was logged");
     assert!(!logs.to_ascii_lowercase().contains("authorization: bearer"));
+}
+
+/// With USER_CACHE_SECONDS=0 every request asks the users table: a disabled user's token stops
+/// working with the next request.
+#[tokio::test]
+async fn without_the_user_cache_disabling_locks_out_at_once() {
+    let server = TestServer::start(&[("USER_CACHE_SECONDS", "0")], Db::Sqlite, Ari::Down).await;
+    let token = server.login().await;
+    let (status, _, _) = send(auth(client().get(server.url("/api/v1/calls")), &token)).await;
+    assert_eq!(status, 200);
+    within("disable", server.state.users().unwrap().set_disabled(USER, true)).await.unwrap();
+    problem(auth(client().get(server.url("/api/v1/calls")), &token), 401).await;
+    server.shutdown().await;
 }

@@ -35,6 +35,8 @@ pub(crate) struct LiveCall {
     pub tracker: Tracker,
     updates: watch::Sender<Call>,
     writer: mpsc::UnboundedSender<Write>,
+    /// The writer is applying a transition: the store may be a step ahead of `updates`.
+    writing: bool,
 }
 
 impl LiveCall {
@@ -78,6 +80,12 @@ impl LiveCalls {
     /// Runs `f` on every entry.
     pub fn each(&self, mut f: impl FnMut(&mut LiveCall)) {
         self.lock().values_mut().for_each(&mut f);
+    }
+
+    /// The call as last published, unless its writer is applying a transition right now (then
+    /// the store may already hold a newer state, which someone may have read: ask the store).
+    pub fn settled(&self, call_id: CallId) -> Option<Call> {
+        self.lock().get(&call_id).filter(|c| !c.writing).map(LiveCall::current)
     }
 
     pub fn subscribe(&self, call_id: CallId) -> Option<watch::Receiver<Call>> {
@@ -141,7 +149,7 @@ impl CallManager {
         let (updates, _) = watch::channel(call.clone());
         let (writer, queue) = mpsc::unbounded_channel();
         tokio::spawn(self.clone().write_in_order(call.call_id, queue));
-        map.insert(call.call_id, LiveCall { tracker, updates, writer });
+        map.insert(call.call_id, LiveCall { tracker, updates, writer, writing: false });
         self.shared.metrics.active_calls.set(map.len() as i64);
         true
     }
@@ -181,6 +189,8 @@ impl CallManager {
     /// The writer of one call: its transitions, in order, until the call is let go.
     async fn write_in_order(self, call_id: CallId, mut queue: mpsc::UnboundedReceiver<Write>) {
         while let Some(Write { transition, reply }) = queue.recv().await {
+            // From here until its outcome is published, reads of the call go to the store.
+            self.shared.calls.with(call_id, |c| c.writing = true);
             let mut pause = STORE_RETRY_MIN;
             let outcome = loop {
                 match self.apply(call_id, &transition).await {
@@ -194,6 +204,8 @@ impl CallManager {
                     other => break other,
                 }
             };
+            // `apply` has published what changed (or let the call go).
+            self.shared.calls.with(call_id, |c| c.writing = false);
             if let Err(e) = &outcome {
                 tracing::error!(%call_id, error = %e, cause = %transition.cause, "could not record a transition");
             }

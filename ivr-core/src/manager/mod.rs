@@ -205,7 +205,13 @@ impl CallManager {
         self.shared.pacer.queued()
     }
 
+    /// The call as it stands. A call followed here is read from the live table (no store
+    /// round trip), never older than a state this process has read from the store: while its
+    /// writer is applying a transition, the store is asked instead (`LiveCalls::settled`).
     pub async fn get(&self, call_id: CallId) -> Result<Option<Call>> {
+        if let Some(call) = self.shared.calls.settled(call_id) {
+            return Ok(Some(call));
+        }
         self.shared.store.get(call_id).await
     }
 

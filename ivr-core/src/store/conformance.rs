@@ -484,3 +484,49 @@ pub async fn active_calls_are_listed(store: Arc<dyn CallStore>) {
         assert_eq!(call, stored(&*store, call.call_id).await, "listed calls are complete");
     }
 }
+
+/// A store that keeps at most `max_ended` ended calls (the memory store's `MEMORY_MAX_CALLS`):
+/// past the bound the call that *ended* first goes, with its idempotency key, from `get` and
+/// `list` alike; active calls are never let go, however many there are and however old.
+pub async fn keeps_at_most_max_ended_calls(store: Arc<dyn CallStore>, max_ended: usize) {
+    // Old active calls, created before everything else.
+    let mut active = Vec::new();
+    for i in 0..max_ended + 2 {
+        let call = Call::new(CallId::new(), new_call("+15550000001"), instant(i as i64));
+        store.insert(&call).await.unwrap();
+        store.apply(call.call_id, &step(Step::Answered, "test", i as i64)).await.unwrap();
+        active.push(call.call_id);
+    }
+    // Calls that end in the reverse order of their creation, each with a key.
+    let mut ended_in_order = Vec::new();
+    let mut created = Vec::new();
+    for i in 0..max_ended + 3 {
+        let mut spec = new_call("+15550000002");
+        spec.idempotency_key = Some(format!("bound-{i}"));
+        let call = Call::new(CallId::new(), spec, instant(1_000 + i as i64));
+        store.insert(&call).await.unwrap();
+        created.push(call.call_id);
+    }
+    for (j, id) in created.iter().rev().enumerate() {
+        store.apply(*id, &step(ended(FailureReason::Rejected), "test", 2_000 + j as i64)).await.unwrap();
+        ended_in_order.push(*id);
+    }
+    let gone = &ended_in_order[..3];
+    let kept = &ended_in_order[3..];
+    for id in gone {
+        assert!(store.get(*id).await.unwrap().is_none(), "the first calls to end are let go first");
+    }
+    for id in kept {
+        assert!(stored(&*store, *id).await.is_completed());
+    }
+    for id in &active {
+        assert!(stored(&*store, *id).await.is_active(), "active calls are never let go");
+    }
+    assert_eq!(store.list_active().await.unwrap().len(), active.len());
+    let listed = store.list(&CallQuery { limit: 100, ..CallQuery::default() }).await.unwrap();
+    assert_eq!(listed.calls.len(), active.len() + kept.len(), "list shows what get shows");
+    // The keys of the calls let go are free again; those kept still name their calls.
+    let first_gone_key = format!("bound-{}", max_ended + 2);
+    assert!(store.get_by_idempotency_key(&first_gone_key).await.unwrap().is_none());
+    assert_eq!(store.get_by_idempotency_key("bound-0").await.unwrap().map(|c| c.call_id), Some(created[0]));
+}

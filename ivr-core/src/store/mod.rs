@@ -15,13 +15,14 @@ use time::OffsetDateTime;
 use crate::call::{Call, CallId, CallStatus, Ignored, PhoneNumber, Transition};
 use crate::error::Result;
 
+mod compact;
 mod memory;
 mod sql;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
 
-pub use memory::MemoryCallStore;
+pub use memory::{MemoryCallStore, DEFAULT_MEMORY_MAX_CALLS};
 pub use sql::{EmbeddedMigrations, SqlCallStore};
 
 /// Persistence for calls. Held as `Arc<dyn CallStore>` by the call manager and the server.

@@ -1,0 +1,256 @@
+//! The status path's caches, each bounded and each with the promise it keeps (SECURITY.md and
+//! ARCHITECTURE.md state them too).
+//!
+//! - [`AnswerCache`]: the serialized answer of an *ended* call, by call id, at most
+//!   `STATUS_CACHE_BYTES` of bodies (oldest in, first out). A terminal call never changes
+//!   (`Call::apply`), so the answer stays right for as long as it is kept, with any number of
+//!   instances over one database.
+//! - [`UserCache`]: "this user exists and is enabled", remembered for `USER_CACHE_SECONDS`
+//!   (default 1 s). Only a yes is remembered, so disabling or deleting a user locks their tokens
+//!   out within that bound, and a re-enabled user is let in at once.
+//! - [`TokenCache`]: a token whose signature and claims were verified, with its subject,
+//!   remembered until its `exp` (at most [`TOKEN_CACHE_ENTRIES`] tokens). The verification's
+//!   outcome cannot change before `exp`: the key, the algorithm, issuer and audience are fixed
+//!   for the process, and `nbf`/`iat` only ever become more valid with time.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use hyper::body::Bytes;
+use ivr_core::CallId;
+use tokio::time::Instant;
+
+/// Default bound of the ended calls' answers kept, in bytes of bodies.
+pub const DEFAULT_STATUS_CACHE_BYTES: usize = 32 * 1024 * 1024;
+/// Default staleness of the "user still enabled" check.
+pub const DEFAULT_USER_CACHE: Duration = Duration::from_secs(1);
+/// The most verified tokens remembered, and the most users.
+pub const TOKEN_CACHE_ENTRIES: usize = 10_000;
+
+/// The caches' bounds (settings `STATUS_CACHE_BYTES`, `USER_CACHE_SECONDS`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CacheLimits {
+    /// Bytes of ended calls' answers kept; 0 turns the cache off.
+    pub status_bytes: usize,
+    /// How long a user found enabled is taken as still enabled; zero asks every time.
+    pub user_staleness: Duration,
+}
+
+impl Default for CacheLimits {
+    fn default() -> Self {
+        CacheLimits { status_bytes: DEFAULT_STATUS_CACHE_BYTES, user_staleness: DEFAULT_USER_CACHE }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section below is a few map operations that cannot leave a half-made entry.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Ended calls' answers (the JSON body of `GET /api/v1/calls/{id}`), bounded by bytes.
+#[derive(Debug)]
+pub struct AnswerCache {
+    limit: usize,
+    inner: Mutex<Answers>,
+}
+
+#[derive(Debug, Default)]
+struct Answers {
+    bodies: HashMap<CallId, Bytes>,
+    /// Insertion order, for eviction.
+    order: VecDeque<CallId>,
+    bytes: usize,
+}
+
+impl AnswerCache {
+    pub fn new(limit: usize) -> Self {
+        AnswerCache { limit, inner: Mutex::new(Answers::default()) }
+    }
+
+    pub fn get(&self, call_id: CallId) -> Option<Bytes> {
+        if self.limit == 0 {
+            return None;
+        }
+        lock(&self.inner).bodies.get(&call_id).cloned()
+    }
+
+    /// Keeps the answer of an ended call. The caller vouches that the call is terminal.
+    pub fn insert_ended(&self, call_id: CallId, body: Bytes) {
+        if body.len() > self.limit {
+            return;
+        }
+        let mut inner = lock(&self.inner);
+        if inner.bodies.contains_key(&call_id) {
+            return;
+        }
+        while inner.bytes + body.len() > self.limit {
+            let Some(oldest) = inner.order.pop_front() else { break };
+            if let Some(gone) = inner.bodies.remove(&oldest) {
+                inner.bytes -= gone.len();
+            }
+        }
+        inner.bytes += body.len();
+        inner.order.push_back(call_id);
+        inner.bodies.insert(call_id, body);
+    }
+
+    /// Bytes of bodies kept now.
+    pub fn bytes(&self) -> usize {
+        lock(&self.inner).bytes
+    }
+
+    /// Answers kept now.
+    pub fn len(&self) -> usize {
+        lock(&self.inner).bodies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Users found enabled, and when.
+#[derive(Debug)]
+pub struct UserCache {
+    staleness: Duration,
+    enabled: Mutex<HashMap<String, Instant>>,
+}
+
+impl UserCache {
+    pub fn new(staleness: Duration) -> Self {
+        UserCache { staleness, enabled: Mutex::new(HashMap::new()) }
+    }
+
+    /// Whether `username` was found enabled less than the staleness bound ago.
+    pub fn is_fresh(&self, username: &str) -> bool {
+        if self.staleness.is_zero() {
+            return false;
+        }
+        let now = Instant::now();
+        lock(&self.enabled).get(username).is_some_and(|checked| now.duration_since(*checked) < self.staleness)
+    }
+
+    /// `username` was found enabled by a query that started at `asked`.
+    pub fn enabled_at(&self, username: &str, asked: Instant) {
+        if self.staleness.is_zero() {
+            return;
+        }
+        let mut enabled = lock(&self.enabled);
+        if enabled.len() >= TOKEN_CACHE_ENTRIES && !enabled.contains_key(username) {
+            let now = Instant::now();
+            enabled.retain(|_, checked| now.duration_since(*checked) < self.staleness);
+            if enabled.len() >= TOKEN_CACHE_ENTRIES {
+                return;
+            }
+        }
+        enabled.insert(username.to_owned(), asked);
+    }
+}
+
+/// Verified tokens and their subjects, until their `exp`.
+#[derive(Debug, Default)]
+pub struct TokenCache {
+    verified: Mutex<HashMap<Box<str>, Verified>>,
+}
+
+#[derive(Debug, Clone)]
+struct Verified {
+    sub: String,
+    /// Seconds since the epoch.
+    exp: u64,
+}
+
+impl TokenCache {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The subject of `token` if it was verified and `now` (seconds since the epoch) is before its `exp`.
+    pub fn get(&self, token: &str, now: u64) -> Option<String> {
+        lock(&self.verified).get(token).filter(|v| now < v.exp).map(|v| v.sub.clone())
+    }
+
+    /// Remembers a verified token. When full, the expired ones go; if none has, nothing is added.
+    pub fn insert(&self, token: &str, sub: &str, exp: u64, now: u64) {
+        if now >= exp {
+            return;
+        }
+        let mut verified = lock(&self.verified);
+        if verified.len() >= TOKEN_CACHE_ENTRIES {
+            verified.retain(|_, v| now < v.exp);
+            if verified.len() >= TOKEN_CACHE_ENTRIES {
+                return;
+            }
+        }
+        verified.insert(token.into(), Verified { sub: sub.to_owned(), exp });
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.verified).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id() -> CallId {
+        CallId::new()
+    }
+
+    #[test]
+    fn answers_stay_within_their_bytes_oldest_out_first() {
+        let cache = AnswerCache::new(100);
+        let ids: Vec<CallId> = (0..5).map(|_| id()).collect();
+        for id in &ids {
+            cache.insert_ended(*id, Bytes::from(vec![b'x'; 30]));
+            assert!(cache.bytes() <= 100, "{} bytes kept", cache.bytes());
+        }
+        assert_eq!(cache.len(), 3);
+        assert!(cache.get(ids[0]).is_none() && cache.get(ids[1]).is_none());
+        assert_eq!(cache.get(ids[4]).unwrap().len(), 30);
+        // A body larger than the whole bound is not kept, and evicts nothing.
+        cache.insert_ended(id(), Bytes::from(vec![b'x'; 101]));
+        assert_eq!(cache.len(), 3);
+        // Off: nothing kept.
+        let off = AnswerCache::new(0);
+        off.insert_ended(ids[0], Bytes::from_static(b"{}"));
+        assert!(off.get(ids[0]).is_none());
+    }
+
+    #[test]
+    fn tokens_are_remembered_until_their_exp_and_bounded() {
+        let cache = TokenCache::new();
+        cache.insert("a.b.c", "alice", 1_000, 900);
+        assert_eq!(cache.get("a.b.c", 999).as_deref(), Some("alice"));
+        assert_eq!(cache.get("a.b.c", 1_000), None, "not at or after exp");
+        assert_eq!(cache.get("a.b.d", 999), None);
+        for i in 0..TOKEN_CACHE_ENTRIES + 10 {
+            cache.insert(&format!("t{i}"), "bob", 2_000, 900);
+        }
+        assert!(cache.len() <= TOKEN_CACHE_ENTRIES);
+        // Once the old ones expire, new ones are let in again.
+        cache.insert("late", "carol", 5_000, 3_000);
+        assert_eq!(cache.get("late", 3_001).as_deref(), Some("carol"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_enabled_user_is_trusted_for_the_staleness_bound_only() {
+        let cache = UserCache::new(Duration::from_secs(1));
+        assert!(!cache.is_fresh("alice"));
+        cache.enabled_at("alice", Instant::now());
+        assert!(cache.is_fresh("alice"));
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(cache.is_fresh("alice"));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!cache.is_fresh("alice"), "asked again once the bound has passed");
+        let never = UserCache::new(Duration::ZERO);
+        never.enabled_at("alice", Instant::now());
+        assert!(!never.is_fresh("alice"));
+    }
+}
