@@ -9,7 +9,11 @@
 # one status answer, starts examples/baseline_http with a body of that size, and drives both
 # with wrk at 32 and 128 connections, interleaved (baseline, ivr, baseline, ivr), DURATION each.
 # It prints a row per (store, calls, connections): req/s, p50, p99, the ratios, and the peak RSS
-# of ivr-server; then a one-line summary. Loopback only; every process it starts is stopped.
+# of ivr-server; then a one-line summary. A run with non-2xx answers is flagged on its row (they
+# would flatter ivr). On the memory store it also measures POST /api/v1/calls at 32 connections
+# (scripts/load.lua) and ivr's own share of its p99: the p99 minus the mean ARI originate time
+# (ivr_originate_duration_seconds, near zero with the fake). Loopback only; every process it
+# starts is stopped. The access log is off (RUST_LOG=warn), as the baseline logs nothing either.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,13 +35,16 @@ trap cleanup EXIT
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wait_http() { for _ in $(seq 1 100); do curl -sf -o /dev/null "$1" && return 0; sleep 0.1; done; echo "no answer from $1"; return 1; }
 
-# wrk's summary → "req/s p50_ms p99_ms"
+# wrk's summary → "req/s p50_ms p99_ms non2xx"
+wrk_summary() {
+  awk '
+    function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
+    /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 } /Non-2xx/ { bad = $4 }
+    END { printf "%.0f %.2f %.2f %d\n", rps, p50, p99, bad }'
+}
 run_wrk() { # url conns ids_file prefix
   IDS_FILE=$3 PATH_PREFIX=$4 TOKEN=${TOKEN:-} wrk -t1 -c"$2" -d"$DURATION" --latency -s scripts/status-get.lua "$1" \
-    | awk '
-        function ms(v) { if (v ~ /us$/) return v / 1000; if (v ~ /ms$/) return v + 0; if (v ~ /s$/) return v * 1000; return v }
-        /^ +50%/ { p50 = ms($2) } /^ +99%/ { p99 = ms($2) } /^Requests\/sec/ { rps = $2 }
-        END { printf "%.0f %.2f %.2f\n", rps, p50, p99 }'
+    | wrk_summary
 }
 
 rows=()
@@ -53,7 +60,7 @@ for store in $STORES; do
   port=$(free_port)
   env_common=(SECRET_KEY="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
               $(grep '^ARI_' "$work/fake.env") LISTEN_ADDR="127.0.0.1:$port"
-              MAX_ACTIVE_CALLS=100000 MAX_CALLS_PER_SECOND=0 RUST_LOG=warn)
+              MAX_ACTIVE_CALLS=100000 MAX_QUEUED_CALLS=100000 MAX_CALLS_PER_SECOND=0 METRICS_ENABLED=true RUST_LOG=warn)
   case $store in
     memory) env_store=(DISABLE_DB=true) ;;
     sqlite) env_store=(DATABASE_URL="sqlite://$work/bench.db") ;;
@@ -89,28 +96,39 @@ for store in $STORES; do
     status_of "$(tail -n1 "$work/ended.ids")" | grep -q '"is_completed":true' && break
     sleep 0.2
   done
-  size=$(status_of "$(head -n1 "$work/ended.ids")" | wc -c)
-  base_port=$(free_port)
-  "$bin/examples/baseline_http" --port "$base_port" --bytes "$size" >/dev/null &
-  base_pid=$!
-  pids+=($base_pid)
-  wait_http "http://127.0.0.1:$base_port/"
   # Live calls first: they stay up 60 s after their answer, enough for 2 × 2 runs of 10 s.
+  # Each kind against a baseline whose body is the size of that kind's answer.
   for kind in live ended; do
+    size=$(status_of "$(head -n1 "$work/$kind.ids")" | wc -c)
+    base_port=$(free_port)
+    "$bin/examples/baseline_http" --port "$base_port" --bytes "$size" >/dev/null &
+    base_pid=$!
+    pids+=($base_pid)
+    wait_http "http://127.0.0.1:$base_port/"
     for c in $CONNECTIONS; do
-      read -r b_rps b_p50 b_p99 < <(run_wrk "http://127.0.0.1:$base_port" "$c" "$work/$kind.ids" /)
-      read -r i_rps i_p50 i_p99 < <(run_wrk "http://127.0.0.1:$port" "$c" "$work/$kind.ids" /api/v1/status/)
+      read -r b_rps b_p50 b_p99 _ < <(run_wrk "http://127.0.0.1:$base_port" "$c" "$work/$kind.ids" /)
+      read -r i_rps i_p50 i_p99 i_bad < <(run_wrk "http://127.0.0.1:$port" "$c" "$work/$kind.ids" /api/v1/status/)
       rss=$(awk '/VmHWM/ {printf "%.0f MB", $2 / 1024}' "/proc/$ivr_pid/status")
       ratio=$(awk -v a="$i_rps" -v b="$b_rps" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
       p99r=$(awk -v a="$i_p99" -v b="$b_p99" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-      echo "| $store | $kind | $c | $b_rps | $i_rps | $ratio | $b_p99 ms | $i_p99 ms | $p99r | $i_p50 ms | $rss |"
+      flag=""
+      [ "$i_bad" -gt 0 ] && flag=" ($i_bad non-2xx!)"
+      echo "| $store | $kind ($size B) | $c | $b_rps | $i_rps$flag | $ratio | $b_p99 ms | $i_p99 ms | $p99r | $i_p50 ms | $rss |"
       summary+=("$store/$kind/$c=${ratio}x")
     done
+    kill "$base_pid" 2>/dev/null || true
   done
-  # Non-2xx answers would flatter ivr: count them once per store.
-  bad=$(IDS_FILE="$work/ended.ids" PATH_PREFIX=/api/v1/status/ wrk -t1 -c8 -d1s -s scripts/status-get.lua "http://127.0.0.1:$port" | awk '/Non-2xx/ {print $4}')
-  [ -n "$bad" ] && echo "WARNING: $store answered $bad non-2xx responses" >&2
-  kill "$base_pid" "$ivr_pid" 2>/dev/null || true
+  if [ "$store" = memory ]; then
+    # POST /api/v1/calls at 32 connections against the fake (MAX_CALLS_PER_SECOND=0).
+    read -r _ _ post_p99 post_bad < <(IVR_LOAD_TOKEN=$TOKEN wrk -t1 -c32 -d"$DURATION" --latency -s scripts/load.lua \
+      "http://127.0.0.1:$port" | wrk_summary)
+    originate_ms=$(curl -s "http://127.0.0.1:$port/metrics" | awk '
+      /^ivr_originate_duration_seconds_sum/ { s = $2 } /^ivr_originate_duration_seconds_count/ { n = $2 }
+      END { printf "%.3f", (n > 0 ? s / n * 1000 : 0) }')
+    own=$(awk -v a="$post_p99" -v b="$originate_ms" 'BEGIN { printf "%.2f", a - b }')
+    create="POST /api/v1/calls at 32 connections (memory): p99 $post_p99 ms, mean ARI originate $originate_ms ms, ivr's share of the p99 ≈ $own ms ($post_bad non-2xx)"
+  fi
+  kill "$ivr_pid" 2>/dev/null || true
   kill "${pids[0]}" 2>/dev/null || true
   wait 2>/dev/null || true
   pids=()
@@ -118,3 +136,4 @@ for store in $STORES; do
 done
 echo
 echo "summary (ivr req/s as a ratio to the minimal hyper server, same run): ${summary[*]}"
+if [ -n "${create:-}" ]; then echo "$create"; fi
