@@ -343,6 +343,12 @@ mod tests {
         assert_eq!(s.connections.max_connections, 1024);
         assert_eq!(s.connections.per_client, 64);
         assert_eq!(s.connections.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(s.caches, CacheLimits { status_bytes: 32 * 1024 * 1024, user_staleness: Duration::from_secs(1) });
+        assert_eq!(s.db.memory_max_calls, 100_000);
+        let set = [("STATUS_CACHE_BYTES", "0"), ("USER_CACHE_SECONDS", "0"), ("MEMORY_MAX_CALLS", "10")];
+        let s = load(&[&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")][..], &set].concat()).unwrap();
+        assert_eq!(s.caches, CacheLimits { status_bytes: 0, user_staleness: Duration::ZERO });
+        assert_eq!(s.db.memory_max_calls, 10);
         assert_eq!(s.login, LoginLimits::default());
         assert!(s.trusted_proxies.is_empty() && !s.policy.is_set());
         assert_eq!((s.manager.max_calls_per_second, s.manager.max_queued_calls), (10, 1000));
@@ -408,6 +414,9 @@ mod tests {
             ("LOGIN_USER_FORGIVE_SECONDS", "x"),
             ("LOGIN_SLOWDOWN_MS", "60001"),
             ("ARI_MAX_CONNECTIONS", "1"),
+            ("STATUS_CACHE_BYTES", "-1"),
+            ("USER_CACHE_SECONDS", "61"),
+            ("MEMORY_MAX_CALLS", "0"),
         ] {
             let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), (var, bad)]).unwrap_err();
             assert_eq!(e.variable, var, "{e}");
