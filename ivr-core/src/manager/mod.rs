@@ -48,6 +48,7 @@ mod calls;
 mod dial;
 // `pub(crate)` for `crate::ingest`, the event path without a store (benchmarks).
 pub(crate) mod follow;
+mod instance;
 mod metrics;
 mod pacing;
 mod reconcile;
@@ -56,6 +57,7 @@ mod updates;
 
 use calls::LiveCalls;
 use follow::{Half, Tracker};
+pub use instance::{Instance, InstanceSettings};
 use metrics::Metrics;
 use pacing::Pacer;
 pub use request::CallRequest;
@@ -144,6 +146,8 @@ struct Shared {
     reconcile: Notify,
     connected: AtomicBool,
     startup_time: Mutex<Option<String>>,
+    /// This process's lease, on a SQL store (`instance.rs`).
+    instance: Option<Instance>,
 }
 
 /// How long `originate` waits for a call dialled at once to be placed before it answers with
@@ -162,6 +166,20 @@ impl CallManager {
         settings: ManagerSettings,
         registry: &Registry,
     ) -> Result<Self> {
+        Self::with_instance(ari, store, settings, registry, None)
+    }
+
+    /// [`new`](Self::new) for an instance that joined a SQL store ([`Instance::join`]): it
+    /// renews its lease, and on PostgreSQL shares the calls, the pacing and the event streams
+    /// with the other instances. `ari` must be configured with [`Instance::app`] and `store`
+    /// should be [`Instance::owning`] it.
+    pub fn with_instance(
+        ari: AriClient,
+        store: Arc<dyn CallStore>,
+        settings: ManagerSettings,
+        registry: &Registry,
+        instance: Option<Instance>,
+    ) -> Result<Self> {
         if !settings.endpoint_template.contains("{number}") {
             return Err(Error::InvalidRequest("the endpoint template must contain {number}".into()));
         }
@@ -178,6 +196,7 @@ impl CallManager {
                 reconcile: Notify::new(),
                 connected: AtomicBool::new(false),
                 startup_time: Mutex::new(None),
+                instance,
             }),
         })
     }
@@ -289,6 +308,12 @@ impl CallManager {
         if call.status.is_terminal() {
             return Err(Error::NotCancelable { call_id, status: call.status });
         }
+        if !shared.calls.contains(call_id) {
+            // Followed by another instance: it is asked (one writer per call).
+            if let Some(answer) = self.cancel_elsewhere(&call).await? {
+                return Ok(answer);
+            }
+        }
         let tracked = shared.calls.with(call_id, |c| c.tracker.cancel()).is_some();
         let cancel = |cause: &str| {
             Transition::new(Step::Ended { reason_if_unanswered: FailureReason::Canceled }, cause)
@@ -331,10 +356,17 @@ impl CallManager {
         let stats = events.stats();
         let metrics = &self.shared.metrics;
         let background = [tokio::spawn(reconcile::run(self.clone())), tokio::spawn(pacing::dispatch(self.clone()))];
+        // Renewals and take-overs, on a task of their own; it ends only if the lease is lost.
+        let mut lease = tokio::spawn(instance::run(self.clone()));
         tokio::pin!(shutdown);
+        let mut outcome = Ok(());
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                lost = &mut lease => {
+                    outcome = Err(lost.unwrap_or(Error::LeaseLost));
+                    break;
+                }
                 item = events.next() => match item {
                     Some(item) => {
                         metrics.event_queue_depth.set(i64::try_from(stats.queue_depth()).unwrap_or(i64::MAX));
@@ -348,9 +380,13 @@ impl CallManager {
         for task in background {
             task.abort();
         }
+        lease.abort();
         self.shared.connected.store(false, Ordering::Relaxed);
         metrics.ari_connected.set(0);
-        Ok(())
+        if let (Some(instance), Ok(())) = (&self.shared.instance, &outcome) {
+            instance.leave().await;
+        }
+        outcome
     }
 
     /// Counts a failed ARI request, by kind only.

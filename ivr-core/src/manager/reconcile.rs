@@ -54,10 +54,28 @@ impl CallManager {
         let shared = &self.shared;
         shared.metrics.reconcile_runs.inc();
         self.note_startup_time().await;
-        let calls = match shared.store.list_active().await {
+        let mut calls = match shared.store.list_active().await {
             Ok(calls) => calls,
             Err(e) => return tracing::error!(error = %e, "reconcile: store unavailable"),
         };
+        if let Some(instance) = shared.instance.as_ref().filter(|i| i.is_shared()) {
+            // Beside other instances: only the calls this one follows (the others' are
+            // theirs, and those of lapsed leases are claimed first).
+            match instance.leases().owned(instance.lease()).await {
+                Ok(owned) => {
+                    let owned: std::collections::HashSet<_> = owned.into_iter().collect();
+                    calls.retain(|c| owned.contains(&c.call_id));
+                }
+                Err(e) => return tracing::error!(error = %e, "reconcile: store unavailable"),
+            }
+        }
+        self.reconcile_calls(calls).await;
+    }
+
+    /// Resumes the queued calls among `calls` that are not followed here, and checks the
+    /// others with Asterisk.
+    pub(crate) async fn reconcile_calls(&self, calls: Vec<Call>) {
+        let shared = &self.shared;
         let mut resume = Vec::new();
         let mut check = Vec::new();
         for call in calls {

@@ -15,12 +15,14 @@ use time::OffsetDateTime;
 use crate::call::{Call, CallId, CallStatus, Ignored, PhoneNumber, Transition};
 use crate::error::Result;
 
+pub mod lease;
 mod memory;
 mod sql;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
 
+pub use lease::{Lease, Leases};
 pub use memory::MemoryCallStore;
 pub use sql::{EmbeddedMigrations, SqlCallStore};
 
