@@ -162,6 +162,8 @@ pub(crate) struct Core {
     pub originate_delay: Duration,
     pub fail_next: Option<(u16, Value)>,
     pub originate_count: usize,
+    /// The originates of each channel id asked for, answered or not.
+    pub originates_by_channel: HashMap<String, usize>,
     /// Between `restart()` hanging up the channels and Asterisk coming back.
     pub shutting_down: bool,
     /// Originates refused with 409 since the last restart. Asterisk leaves a half-allocated
@@ -294,6 +296,7 @@ impl State {
                 originate_delay: Duration::ZERO,
                 fail_next: None,
                 originate_count: 0,
+                originates_by_channel: HashMap::new(),
                 shutting_down: false,
                 stuck_ids: 0,
                 apps: BTreeMap::new(),

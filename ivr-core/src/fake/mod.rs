@@ -369,6 +369,12 @@ impl FakeAsterisk {
         self.shared.state().core.originate_count
     }
 
+    /// How many originates asked for the channel id `channel_id` (a call dialled twice shows
+    /// as 2, whichever ivr process sent them).
+    pub fn originates_of(&self, channel_id: &str) -> usize {
+        self.shared.state().core.originates_by_channel.get(channel_id).copied().unwrap_or(0)
+    }
+
     /// What the fake has seen so far: requests, and its HTTP session count.
     pub fn stats(&self) -> FakeStats {
         let shared = &self.shared;

@@ -88,6 +88,9 @@ pub(crate) struct Tracker {
     note: Option<String>,
     /// Whether any Dial event of our channel was seen.
     dial_seen: bool,
+    /// Asterisk told the channel's state while every later event of it reaches us: whether
+    /// it was answered cannot have been missed, gap or not (see [`Tracker::confirm_state`]).
+    answer_known: bool,
 }
 
 /// Which half of the originated channel an event is about.
@@ -134,6 +137,7 @@ impl Tracker {
             pending_end: None,
             note: None,
             dial_seen: false,
+            answer_known: false,
         }
     }
 
@@ -164,6 +168,14 @@ impl Tracker {
     }
 
     /// We hang the call up: an unanswered end is a cancel, and no answer action is started.
+    /// Asterisk has just told the channel's state (a reconcile's `GET`), and every event of the
+    /// channel from then on reaches us (our socket is up and the channel is ours, or
+    /// subscribed to our application). An answer before it shows in that state, one after it
+    /// comes as an event, so a cancel of a call not answered is a cancel even after a gap.
+    pub fn confirm_state(&mut self) {
+        self.answer_known = true;
+    }
+
     pub fn cancel(&mut self) {
         self.canceled = true;
     }
@@ -184,6 +196,7 @@ impl Tracker {
     /// already sent; one still queued has no events yet.
     pub fn note_gap(&mut self) {
         self.gap |= self.sent;
+        self.answer_known = false;
     }
 
     /// Whether an event of Asterisk's about this attempt was heard at or after `since`.
@@ -328,7 +341,7 @@ impl Tracker {
         if self.canceled {
             // Our DELETE ends a ringing call and an answered one alike (cause 16): after a gap
             // the answer may have been missed, so only without one is it a cancel.
-            return if self.gap { FailureReason::Lost } else { FailureReason::Canceled };
+            return if self.gap && !self.answer_known { FailureReason::Lost } else { FailureReason::Canceled };
         }
         match self.dial_status.as_deref() {
             Some("BUSY") => return FailureReason::Busy,
@@ -503,6 +516,37 @@ mod tests {
         let end =
             end_of(&mut t, &[(dial("NOANSWER"), Half::Ours), (destroyed("a", 16, "Normal Clearing"), Half::Ours)]);
         assert_eq!(reason(&end), FailureReason::Canceled);
+    }
+
+    /// A call taken over (or heard again after a socket drop) and then canceled: a cancel only
+    /// once Asterisk told its state while its later events reach us, else `lost`.
+    #[test]
+    fn a_cancel_after_a_gap_is_a_cancel_once_the_state_was_confirmed() {
+        let ended = [(destroyed("a", 16, "Normal Clearing"), Half::Ours)];
+        let adopted = || {
+            let mut t =
+                Tracker::adopted(1, AnswerAction::Play { media: "sound:x".into() }, Duration::from_secs(30), false);
+            t.on_event(
+                &AriEvent::ChannelStateChange {
+                    timestamp: String::new(),
+                    channel: channel("a", ChannelState::Ringing),
+                },
+                Half::Ours,
+            );
+            t
+        };
+        let mut unconfirmed = adopted();
+        unconfirmed.cancel();
+        assert_eq!(reason(&end_of(&mut unconfirmed, &ended)), FailureReason::Lost, "the answer may have been missed");
+        let mut confirmed = adopted();
+        confirmed.confirm_state();
+        confirmed.cancel();
+        assert_eq!(reason(&end_of(&mut confirmed, &ended)), FailureReason::Canceled);
+        let mut dropped_since = adopted();
+        dropped_since.confirm_state();
+        dropped_since.note_gap();
+        dropped_since.cancel();
+        assert_eq!(reason(&end_of(&mut dropped_since, &ended)), FailureReason::Lost, "a later gap undoes it");
     }
 
     #[test]

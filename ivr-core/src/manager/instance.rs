@@ -21,7 +21,6 @@ use sqlx::postgres::PgListener;
 use tokio::sync::broadcast;
 
 use super::CallManager;
-use crate::ari::AriError;
 use crate::call::{Call, CallId};
 use crate::error::{Error, Result};
 use crate::store::lease::{CALLS_CHANNEL, CANCEL_CHANNEL};
@@ -207,28 +206,16 @@ impl CallManager {
         }
     }
 
-    /// Follows calls just claimed: each live channel is subscribed to our application first,
-    /// so no event falls between the subscription and the check that follows it.
+    /// Follows calls just claimed, as after a restart: queued ones join the queue, the others
+    /// are subscribed to our application and checked with Asterisk (`reconcile.rs`).
     pub(crate) async fn adopt(&self, ids: Vec<CallId>) {
-        let shared = &self.shared;
         let mut calls: Vec<Call> = Vec::with_capacity(ids.len());
         for id in ids {
-            match shared.store.get(id).await {
+            match self.shared.store.get(id).await {
                 Ok(Some(call)) if call.is_active() => calls.push(call),
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(call_id = %id, error = %e, "could not read a claimed call; the next reconcile will")
-                }
-            }
-        }
-        for call in calls.iter().filter(|c| !c.is_queued()) {
-            match shared.ari.subscribe(&shared.ari.config().app, &call.channel_id()).await {
-                Ok(_) => {}
-                // Gone already: the check below ends the call.
-                Err(AriError::Status { status: 422, .. }) | Err(AriError::NotFound { .. }) => {}
-                Err(e) => {
-                    tracing::warn!(call_id = %call.call_id, error = %e, "could not subscribe to a taken-over channel");
-                    self.count_ari_error(&e);
                 }
             }
         }
@@ -283,7 +270,12 @@ impl CallManager {
                     }
                 }
             }
-            Some((owner, _)) if owner == instance.lease.lease_id => Ok(None),
+            Some((owner, _)) if owner == instance.lease.lease_id => {
+                // Claimed by us, not followed yet (its adoption is under way): follow it now,
+                // so the cancel goes through its tracker. A call followed already is left be.
+                self.adopt(vec![call_id]).await;
+                Ok(None)
+            }
             _ => {
                 if instance.leases.claim_call(&instance.lease, call_id).await? {
                     self.adopt(vec![call_id]).await;
