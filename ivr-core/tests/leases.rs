@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::io::Write;
+use std::sync::Arc;
 use std::time::Duration;
 
 use ivr_core::call::now;
@@ -200,4 +201,51 @@ async fn owned_by(store: &SqlCallStore, lease_id: &str, call_id: CallId) -> bool
         .await
         .expect("owner");
     row.and_then(|r| r.0).as_deref() == Some(lease_id)
+}
+
+/// An instance that finds its lease lapsed (the others took its calls) lets go of every call
+/// and stops, rather than fight for them.
+#[tokio::test]
+async fn an_instance_whose_lease_lapsed_lets_go_of_its_calls_and_stops() {
+    use ivr_core::ari::{AriClient, AriConfig};
+    use ivr_core::fake::FakeAsterisk;
+    use ivr_core::manager::{Instance, InstanceSettings};
+    use ivr_core::{CallManager, CallRequest, ManagerSettings, PhoneNumber};
+
+    let fake = within("fake", FakeAsterisk::start()).await.expect("fake asterisk");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("ivr.db").display());
+    let store = SqlCallStore::connect(&url).await.expect("sqlite");
+    let settings = InstanceSettings { instance_id: "a".into(), lease_ttl: Duration::from_secs(2) };
+    let instance = within("join", Instance::join(&store, &url, "ivr", &settings)).await.expect("join");
+    assert_eq!(instance.app(), "ivr", "alone on SQLite, the app is ARI_APP");
+    let ari =
+        AriClient::new(AriConfig::new(fake.http_url(), fake.username(), fake.password(), instance.app())).expect("ari");
+    let owning = Arc::new(instance.owning(&store));
+    let manager = CallManager::with_instance(
+        ari,
+        owning,
+        ManagerSettings::default(),
+        &prometheus::Registry::new(),
+        Some(instance),
+    )
+    .expect("manager");
+    let running = {
+        let manager = manager.clone();
+        tokio::spawn(async move { manager.run(std::future::pending()).await })
+    };
+    within("connected", async {
+        while !manager.is_connected() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    // +15550000007 talks for a minute: the call is up when the lease goes.
+    let number: PhoneNumber = "+15550000007".parse().expect("number");
+    within("originate", manager.originate(CallRequest::to(number))).await.expect("originate");
+    assert_eq!(manager.active_calls(), 1);
+    sqlx::query("DELETE FROM instances").execute(store.pool()).await.expect("the lease goes");
+    let stopped = within("the engine to stop", running).await.expect("run task");
+    assert!(matches!(stopped, Err(Error::LeaseLost)), "{stopped:?}");
+    assert_eq!(manager.active_calls(), 0, "no call is followed any more");
 }

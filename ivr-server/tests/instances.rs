@@ -389,3 +389,66 @@ async fn two_instances_one_killed_and_restarted_at_once_never_fight_over_a_call(
     let logs = std::fs::read_to_string(&cluster.nodes[returned].log).unwrap_or_default();
     assert!(logs.contains("instance registered"), "{}", cluster.logs());
 }
+
+/// SQLite serves one instance: a second process on the same file is refused with a message
+/// that says why, while the first runs on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_on_one_sqlite_file_is_refused() {
+    let fake = FakeAsterisk::start().await.expect("fake asterisk");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let url = format!("sqlite://{}", dir.path().join("ivr.db").display());
+    let server = |port: u16, log: &str| {
+        let out = std::fs::File::create(dir.path().join(log)).expect("log");
+        Command::new(env!("CARGO_BIN_EXE_ivr-server"))
+            .env_clear()
+            .envs([
+                ("DATABASE_URL", url.as_str()),
+                ("SECRET_KEY", SECRET_KEY),
+                ("ARI_HTTP_URL", &fake.http_url()),
+                ("ARI_USERNAME", fake.username()),
+                ("ARI_PASSWORD", fake.password()),
+                ("LISTEN_ADDR", &format!("127.0.0.1:{port}")),
+                ("INSTANCE_LEASE_SECONDS", "2"),
+                ("BCRYPT_COST", "4"),
+            ])
+            .stdout(out.try_clone().expect("log"))
+            .stderr(out)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("spawn ivr-server")
+    };
+    let free = || std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free();
+    let first = Node {
+        id: "first".into(),
+        base: format!("http://127.0.0.1:{port}"),
+        child: server(port, "first.log"),
+        log: dir.path().join("first.log"),
+    };
+    let http = reqwest::Client::builder().timeout(STEP).build().unwrap();
+    tokio::time::timeout(STEP, async {
+        while !http.get(format!("{}/readyz", first.base)).send().await.is_ok_and(|r| r.status() == 200) {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the first is ready");
+    let mut second = server(free(), "second.log");
+    let status = tokio::time::timeout(STEP, async {
+        loop {
+            if let Some(status) = second.try_wait().expect("wait") {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the second gives up within a lease term or so");
+    assert!(!status.success());
+    let said = std::fs::read_to_string(dir.path().join("second.log")).unwrap();
+    assert!(said.contains("SQLite serves one instance: run several over PostgreSQL"), "{said}");
+    assert!(
+        http.get(format!("{}/readyz", first.base)).send().await.is_ok_and(|r| r.status() == 200),
+        "the first runs on"
+    );
+}
