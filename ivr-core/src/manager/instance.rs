@@ -140,7 +140,7 @@ pub(crate) async fn run(manager: CallManager) -> Error {
         manager.take_over_orphans().await;
         manager.carry_out_cancels().await;
         rounds += 1;
-        if rounds % 100 == 0 {
+        if rounds.is_multiple_of(100) {
             let _ = instance.leases.forget_old().await;
         }
     };
