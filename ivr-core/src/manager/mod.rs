@@ -16,6 +16,8 @@
 //! - `follow.rs`: what one event means for one call (pure, unit-tested);
 //! - `reconcile.rs`: reconcile, deadlines and the sweep, on their own task;
 //! - `updates.rs`: [`CallUpdates`];
+//! - `instance.rs`: this process as one [`Instance`] among several over PostgreSQL (lease,
+//!   take-overs, cancels from other instances, `LISTEN`), or alone on SQLite;
 //! - this file: the handle, admission, cancel, and the event loop, which only interprets
 //!   events and never awaits the store or ARI.
 //!

@@ -4,6 +4,9 @@
 //! - [`SqlCallStore`]: SQLite (the embedded default, one file in WAL mode) or PostgreSQL
 //!   (production), through sqlx with embedded migrations and runtime-checked queries.
 //!
+//! - [`Leases`] (`lease.rs`): beside the calls in a SQL database, the leases of running
+//!   processes and which one follows each call (several instances over PostgreSQL).
+//!
 //! Every implementation runs the same conformance suite (`conformance`, feature `testing`).
 
 use std::fmt;
