@@ -24,6 +24,9 @@ const CPS: &str = "5";
 const PLAYS: &str = "+15550000007";
 /// Rings for a minute (fake time): ends only when canceled.
 const RINGS: &str = "+15550000044";
+/// Rings for 6 s, answers and never hangs up: only ivr's hang-up after its audio ends it, so
+/// it ends only if whoever follows it at the answer runs the answer action.
+const ANSWERS_LATE: &str = "+15550000077";
 /// The longest a step may take.
 const STEP: Duration = Duration::from_secs(40);
 
@@ -73,6 +76,10 @@ impl Cluster {
             .await
             .expect("fake asterisk");
         fake.set_plan(RINGS, CalleePlan::NoAnswer { ring_for: Duration::from_secs(300) });
+        fake.set_plan(
+            ANSWERS_LATE,
+            CalleePlan::LongCall { ring: Duration::from_secs(30), talk: Duration::from_secs(30_000) },
+        );
         let http = reqwest::Client::builder().timeout(STEP).build().expect("client");
         let dir = tempfile::tempdir().expect("temp dir");
         Some(Cluster { url, fake, dir, nodes: Vec::new(), http, token: String::new(), db })
@@ -265,6 +272,10 @@ fn plays() -> Value {
     json!({"phone_number": PLAYS, "audio": "sound:demo-congrats"})
 }
 
+fn answers_late() -> Value {
+    json!({"phone_number": ANSWERS_LATE, "audio": "sound:demo-thanks", "timeout": 300})
+}
+
 fn rings() -> Value {
     json!({"phone_number": RINGS, "timeout": 300})
 }
@@ -275,8 +286,13 @@ async fn three_instances_one_killed_mid_call_every_call_ends_once_and_is_served_
     for id in ["a", "b", "c"] {
         cluster.start(id).await;
     }
-    // Through all three at once: three calls that play and end by themselves, one that rings
-    // until canceled, each.
+    // Through all three at once: one answered only after the victim's death (placed first, so
+    // it is ringing by then), three that play and end by themselves, one that rings until
+    // canceled, each.
+    let mut late = Vec::new();
+    for n in 0..3 {
+        late.push(cluster.place(n, answers_late()).await);
+    }
     let mut placing = Vec::new();
     for n in 0..3 {
         for body in [plays(), plays(), plays(), rings()] {
@@ -288,7 +304,9 @@ async fn three_instances_one_killed_mid_call_every_call_ends_once_and_is_served_
     assert_eq!(ringing.len(), 3);
     // The victim dies with calls up, ringing, being dialled and queued.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    let victims: Vec<String> = calls[..4].to_vec();
+    let mut victims: Vec<String> = calls[..4].to_vec();
+    victims.push(late[0].clone());
+    let calls: Vec<String> = calls.into_iter().chain(late).collect();
     cluster.kill(0);
 
     // The survivors take each of its calls over once its lease lapses.

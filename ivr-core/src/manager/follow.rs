@@ -91,6 +91,11 @@ pub(crate) struct Tracker {
     /// Asterisk told the channel's state while every later event of it reaches us: whether
     /// it was answered cannot have been missed, gap or not (see [`Tracker::confirm_state`]).
     answer_known: bool,
+    /// Found active, not placed by this tracker's process (a restart, a take-over).
+    adopted: bool,
+    /// A check for a StasisStart that went elsewhere was asked (see
+    /// [`Tracker::wants_stasis_check`]).
+    stasis_check_asked: bool,
 }
 
 /// Which half of the originated channel an event is about.
@@ -138,6 +143,8 @@ impl Tracker {
             note: None,
             dial_seen: false,
             answer_known: false,
+            adopted: false,
+            stasis_check_asked: false,
         }
     }
 
@@ -151,6 +158,7 @@ impl Tracker {
         tracker.gap = true;
         tracker.dialed = Some(Instant::now());
         tracker.answer_action_started = answered_with_audio;
+        tracker.adopted = true;
         tracker
     }
 
@@ -174,6 +182,19 @@ impl Tracker {
     /// comes as an event, so a cancel of a call not answered is a cancel even after a gap.
     pub fn confirm_state(&mut self) {
         self.answer_known = true;
+    }
+
+    /// Whether Asterisk should be asked about the channel now, once: an adopted call was
+    /// answered and its answer action has not run. Its StasisStart goes to the application it
+    /// was placed into, which may be another instance's (gone), so it may never reach us; a
+    /// check that finds it waiting in Stasis stands in for it (`reconcile.rs`).
+    pub fn wants_stasis_check(&mut self) -> bool {
+        let due = self.adopted && self.answered && !self.answer_action_started && !self.canceled;
+        if !due || self.stasis_check_asked {
+            return false;
+        }
+        self.stasis_check_asked = true;
+        true
     }
 
     pub fn cancel(&mut self) {
@@ -547,6 +568,25 @@ mod tests {
         dropped_since.note_gap();
         dropped_since.cancel();
         assert_eq!(reason(&end_of(&mut dropped_since, &ended)), FailureReason::Lost, "a later gap undoes it");
+    }
+
+    /// An adopted call answered without a StasisStart (it went to the application it was
+    /// placed into): Asterisk is asked once; a call placed here, or one whose action ran, never.
+    #[test]
+    fn an_adopted_call_answered_elsewhere_asks_for_one_stasis_check() {
+        let up = AriEvent::ChannelStateChange { timestamp: String::new(), channel: channel("a", ChannelState::Up) };
+        let action = AnswerAction::Continue { context: "ivr-menu".into(), extension: "s".into(), priority: 1 };
+        let mut adopted = Tracker::adopted(1, action.clone(), Duration::from_secs(30), false);
+        assert!(!adopted.wants_stasis_check(), "not answered yet");
+        adopted.on_event(&up, Half::Ours);
+        assert!(adopted.wants_stasis_check());
+        assert!(!adopted.wants_stasis_check(), "once");
+        let mut ours = tracker();
+        ours.on_event(&up, Half::Ours);
+        assert!(!ours.wants_stasis_check(), "our own StasisStart comes to us");
+        let mut played = Tracker::adopted(1, action, Duration::from_secs(30), true);
+        played.on_event(&up, Half::Ours);
+        assert!(!played.wants_stasis_check(), "its action ran already");
     }
 
     #[test]

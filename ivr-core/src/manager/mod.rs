@@ -156,6 +156,9 @@ struct Shared {
 /// the call as it stands (`pending`); the placing goes on.
 const PLACE_WAIT: Duration = Duration::from_secs(15);
 
+/// How long after an adopted call's answer Asterisk is asked whether it waits in Stasis.
+const STASIS_CHECK_DELAY: Duration = Duration::from_millis(250);
+
 /// How long `cancel` waits for its transition to be recorded.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
 
@@ -427,20 +430,29 @@ impl CallManager {
         let Some(channel_id) = event.channel_id() else { return };
         let Some((call_id, attempt)) = CallId::parse_channel_id(channel_id) else { return };
         let half = Half::of(channel_id);
-        let command = self.shared.calls.with(call_id, |c| {
+        let reacted = self.shared.calls.with(call_id, |c| {
             if c.tracker.attempt() != attempt {
-                return None;
+                return (None, None);
             }
             let reaction = c.tracker.on_event(&event, half);
             if let Some(transition) = reaction.transition {
                 c.send(transition);
             }
-            reaction.command
+            (reaction.command, c.tracker.wants_stasis_check().then(|| c.current()))
         });
         tracing::debug!(%call_id, event = event.kind(), "ARI event");
-        if let Some(Some(command)) = command {
+        let Some((command, stasis_check)) = reacted else { return };
+        if let Some(command) = command {
             let manager = self.clone();
             tokio::spawn(async move { manager.run_command(call_id, attempt, command).await });
+        }
+        if let Some(call) = stasis_check {
+            let manager = self.clone();
+            tokio::spawn(async move {
+                // A StasisStart that does come (our own application's) comes first.
+                tokio::time::sleep(STASIS_CHECK_DELAY).await;
+                manager.check_with_asterisk(vec![call], &Default::default()).await;
+            });
         }
     }
 }

@@ -135,7 +135,7 @@ impl CallManager {
         deaf
     }
 
-    async fn check_with_asterisk(&self, calls: Vec<Call>, deaf: &HashSet<CallId>) {
+    pub(crate) async fn check_with_asterisk(&self, calls: Vec<Call>, deaf: &HashSet<CallId>) {
         if calls.is_empty() {
             return;
         }
