@@ -249,3 +249,33 @@ async fn an_instance_whose_lease_lapsed_lets_go_of_its_calls_and_stops() {
     assert!(matches!(stopped, Err(Error::LeaseLost)), "{stopped:?}");
     assert_eq!(manager.active_calls(), 0, "no call is followed any more");
 }
+
+/// Every change of a call is announced on `ivr_calls` when it commits: what wakes the event
+/// streams of calls followed by another instance. Installing twice (two instances) is fine.
+#[tokio::test]
+async fn a_change_of_a_call_is_announced_to_listeners() {
+    let Ok(base) = std::env::var("IVR_TEST_DATABASE_URL") else {
+        let _ = writeln!(std::io::stderr(), "skipped: PostgreSQL NOTIFY test (IVR_TEST_DATABASE_URL is not set)");
+        return;
+    };
+    let schema = format!("ivr_test_{}", uuid::Uuid::new_v4().simple());
+    let admin = SqlCallStore::connect_without_migrating(&base).await.expect("connect");
+    sqlx::query(&format!("CREATE SCHEMA {schema}")).execute(admin.pool()).await.expect("schema");
+    let url = format!("{base}{}options[search_path]={schema}", if base.contains('?') { '&' } else { '?' });
+    let store = SqlCallStore::connect(&url).await.expect("migrate");
+    let leases = Leases::new(&store, Duration::from_secs(60));
+    within("install", leases.install_notify()).await.expect("install");
+    within("install again", leases.install_notify()).await.expect("idempotent");
+    let mut listener = within("listen", sqlx::postgres::PgListener::connect(&url)).await.expect("listener");
+    within("listen", listener.listen(ivr_core::store::lease::CALLS_CHANNEL)).await.expect("listen");
+    let call = insert_owned_none(&store).await;
+    let sent = Transition::new(Step::Sent, "sent to Asterisk");
+    within("apply", store.apply(call, &sent)).await.expect("apply");
+    let told = within("notification", listener.recv()).await.expect("notification");
+    assert_eq!(told.payload(), call.to_string());
+    // One per change, not one per trigger installed.
+    let dialing = Transition::new(Step::Dialing, "originate accepted");
+    within("apply", store.apply(call, &dialing)).await.expect("apply");
+    assert_eq!(within("notification", listener.recv()).await.expect("notification").payload(), call.to_string());
+    assert!(tokio::time::timeout(Duration::from_millis(300), listener.recv()).await.is_err(), "nothing more");
+}

@@ -277,15 +277,17 @@ impl Leases {
     }
 
     /// Makes every change of a call announce itself on [`CALLS_CHANNEL`] when it commits
-    /// (a trigger; idempotent, safe when instances start together). PostgreSQL only.
+    /// (a trigger, created once: a start does not lock `calls` when it exists; safe when
+    /// instances start together). PostgreSQL only.
     pub async fn install_notify(&self) -> Result<()> {
         let ddl = format!(
             "BEGIN; SELECT pg_advisory_xact_lock(hashtext('ivr_call_changed')); \
              CREATE OR REPLACE FUNCTION ivr_call_changed() RETURNS trigger LANGUAGE plpgsql AS \
              $body$ BEGIN PERFORM pg_notify('{CALLS_CHANNEL}', NEW.call_id); RETURN NULL; END $body$; \
-             DROP TRIGGER IF EXISTS ivr_call_changed ON calls; \
-             CREATE TRIGGER ivr_call_changed AFTER UPDATE OF version ON calls \
-             FOR EACH ROW EXECUTE FUNCTION ivr_call_changed(); COMMIT;"
+             DO $do$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_trigger \
+               WHERE tgname = 'ivr_call_changed' AND tgrelid = 'calls'::regclass) THEN \
+               CREATE TRIGGER ivr_call_changed AFTER UPDATE OF version ON calls \
+               FOR EACH ROW EXECUTE FUNCTION ivr_call_changed(); END IF; END $do$; COMMIT;"
         );
         self.pool.execute(ddl.as_str()).await.map_err(unavailable)?;
         Ok(())
