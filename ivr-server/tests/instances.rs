@@ -308,6 +308,7 @@ async fn three_instances_one_killed_mid_call_every_call_ends_once_and_is_served_
     victims.push(late[0].clone());
     let calls: Vec<String> = calls.into_iter().chain(late).collect();
     cluster.kill(0);
+    let killed = std::time::Instant::now();
 
     // The survivors take each of its calls over once its lease lapses.
     cluster
@@ -322,6 +323,8 @@ async fn three_instances_one_killed_mid_call_every_call_ends_once_and_is_served_
                     }
                 }
                 if left == 0 {
+                    // A figure, not a bound: the lease term (2 s) and up to a third of it.
+                    eprintln!("the victim's calls were taken over {:?} after the SIGKILL", killed.elapsed());
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
