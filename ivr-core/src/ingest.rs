@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use crate::ari::AriEvent;
 use crate::call::{CallId, Transition};
-use crate::manager::follow::{AnswerAction, Half, Tracker};
+use crate::manager::follow::{self, AnswerAction, Tracker};
 
 /// Live calls and their trackers, fed one WebSocket text at a time.
 pub struct EventIngest {
@@ -52,9 +52,7 @@ impl EventIngest {
     /// Decodes, routes and interprets one event socket text.
     pub fn ingest(&self, text: &str) -> Ingested {
         let Ok(event) = AriEvent::parse(text) else { return Ingested::NotAnEvent };
-        let Some(channel_id) = event.channel_id() else { return Ingested::NotOurs };
-        let Some((call_id, attempt)) = CallId::parse_channel_id(channel_id) else { return Ingested::NotOurs };
-        let half = Half::of(channel_id);
+        let Some((call_id, attempt, half)) = follow::route(&event) else { return Ingested::NotOurs };
         let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tracker) = live.get_mut(&call_id).filter(|t| t.attempt() == attempt) else { return Ingested::NotOurs };
         let reaction = tracker.on_event(&event, half);

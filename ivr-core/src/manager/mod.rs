@@ -58,7 +58,7 @@ mod request;
 mod updates;
 
 use calls::LiveCalls;
-use follow::{Half, Tracker};
+use follow::Tracker;
 pub use instance::{Instance, InstanceSettings};
 use metrics::Metrics;
 use pacing::Pacer;
@@ -427,9 +427,7 @@ impl CallManager {
     }
 
     fn on_event(&self, event: AriEvent) {
-        let Some(channel_id) = event.channel_id() else { return };
-        let Some((call_id, attempt)) = CallId::parse_channel_id(channel_id) else { return };
-        let half = Half::of(channel_id);
+        let Some((call_id, attempt, half)) = follow::route(&event) else { return };
         let reacted = self.shared.calls.with(call_id, |c| {
             if c.tracker.attempt() != attempt {
                 return (None, None);
