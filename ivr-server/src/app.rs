@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ivr_core::ari::AriClient;
+use ivr_core::manager::Instance;
 use ivr_core::{CallManager, CallStore, MemoryCallStore, SqlCallStore};
 use prometheus::Registry;
 use tokio::net::TcpListener;
@@ -25,6 +26,7 @@ pub enum StartError {
     Users(crate::users::UserError),
     Ari(ivr_core::ari::AriError),
     Manager(ivr_core::Error),
+    Instance(ivr_core::Error),
     Metrics(prometheus::Error),
     Listen(std::io::Error),
 }
@@ -37,6 +39,7 @@ impl fmt::Display for StartError {
             StartError::Users(e) => write!(f, "cannot prepare the users table: {e}"),
             StartError::Ari(e) => write!(f, "ARI settings: {e}"),
             StartError::Manager(e) => write!(f, "call manager: {e}"),
+            StartError::Instance(e) => e.fmt(f),
             StartError::Metrics(e) => write!(f, "metrics: {e}"),
             StartError::Listen(e) => write!(f, "cannot listen (LISTEN_ADDR): {e}"),
         }
@@ -88,17 +91,37 @@ pub struct App {
 
 impl App {
     /// Opens the stores named by `settings` and builds the rest on them.
+    /// On a database it takes this process's lease first ([`Instance::join`]): refused while
+    /// another live process holds the SQLite file, or this INSTANCE_ID on PostgreSQL.
     pub async fn build(settings: &Settings) -> Result<App, StartError> {
-        let stores = Stores::open(&settings.db).await?;
-        Self::with_stores(settings, stores)
+        let mut stores = Stores::open(&settings.db).await?;
+        let mut instance = None;
+        if let (Some(sql), Some(url)) = (&stores.sql, &settings.db.database_url) {
+            let joined = Instance::join(sql, url.expose(), &settings.ari.app, &settings.instance)
+                .await
+                .map_err(StartError::Instance)?;
+            stores.calls = Arc::new(joined.owning(sql));
+            instance = Some(joined);
+        }
+        Self::assemble(settings, stores, instance)
     }
 
-    /// Builds the manager and the state on stores the caller opened.
+    /// Builds the manager and the state on stores the caller opened (as one process alone,
+    /// without a lease).
     pub fn with_stores(settings: &Settings, stores: Stores) -> Result<App, StartError> {
+        Self::assemble(settings, stores, None)
+    }
+
+    fn assemble(settings: &Settings, stores: Stores, instance: Option<Instance>) -> Result<App, StartError> {
         let registry = Registry::new();
-        let ari = AriClient::new(settings.ari.clone()).map_err(StartError::Ari)?;
-        let manager = CallManager::new(ari, Arc::clone(&stores.calls), settings.manager.clone(), &registry)
-            .map_err(StartError::Manager)?;
+        let mut ari_config = settings.ari.clone();
+        if let Some(instance) = &instance {
+            ari_config.app = instance.app().to_owned();
+        }
+        let ari = AriClient::new(ari_config).map_err(StartError::Ari)?;
+        let manager =
+            CallManager::with_instance(ari, Arc::clone(&stores.calls), settings.manager.clone(), &registry, instance)
+                .map_err(StartError::Manager)?;
         let options = Options {
             metrics_enabled: settings.metrics_enabled,
             docs_enabled: settings.docs_enabled,

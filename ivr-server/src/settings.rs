@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ivr_core::ari::AriConfig;
+use ivr_core::manager::InstanceSettings;
 use ivr_core::ManagerSettings;
 
 use crate::client::TrustedProxies;
@@ -116,6 +117,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub ari: AriConfig,
     pub manager: ManagerSettings,
+    /// Who this process is among several (INSTANCE_ID, INSTANCE_LEASE_SECONDS).
+    pub instance: InstanceSettings,
     pub listen_addr: SocketAddr,
     pub metrics_enabled: bool,
     pub docs_enabled: bool,
@@ -179,6 +182,21 @@ impl Settings {
                 .map_or(defaults.originate_retry_window, |n| Duration::from_secs(n.into())),
             ..defaults
         };
+        let instance_id = match r.string("INSTANCE_ID")? {
+            Some(id) => id,
+            None => default_instance_id(),
+        };
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if instance_id.is_empty() || instance_id.len() > 64 || !instance_id.chars().all(valid) {
+            return Err(r.error(
+                "INSTANCE_ID",
+                "must be 1 to 64 letters, digits, '-', '_' or '.' (the host name is used when unset)",
+            ));
+        }
+        let instance = InstanceSettings {
+            instance_id,
+            lease_ttl: Duration::from_secs(r.number("INSTANCE_LEASE_SECONDS", 2, 3600)?.unwrap_or(15).into()),
+        };
         let listen = r.string("LISTEN_ADDR")?.unwrap_or_else(|| DEFAULT_LISTEN_ADDR.into());
         let listen_addr = listen
             .parse()
@@ -216,6 +234,7 @@ impl Settings {
             auth,
             ari,
             manager,
+            instance,
             listen_addr,
             metrics_enabled: r.flag("METRICS_ENABLED")?.unwrap_or(false),
             docs_enabled: r.flag("DOCS_ENABLED")?.unwrap_or(true),
@@ -272,6 +291,29 @@ impl DbSettings {
             database_url: (!disabled).then(|| Secret::new(url)),
             bcrypt_cost: r.number("BCRYPT_COST", 4, 31)?.unwrap_or(12),
         })
+    }
+}
+
+/// The host name, made fit for an instance id: stable across restarts on one host (or of one
+/// container), and different between hosts. Two instances on one host need INSTANCE_ID.
+fn default_instance_id() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates what fits.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = if ok {
+        String::from_utf8_lossy(buf.split(|b| *b == 0).next().unwrap_or(&[])).into_owned()
+    } else {
+        String::new()
+    };
+    let name: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "ivr".into()
+    } else {
+        name
     }
 }
 
@@ -341,6 +383,28 @@ mod tests {
     }
 
     #[test]
+    fn instance_id_defaults_to_the_host_name_and_is_checked() {
+        let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")]).unwrap();
+        assert_eq!(s.instance.instance_id, default_instance_id());
+        assert_eq!(s.instance.lease_ttl, Duration::from_secs(15));
+        assert!(!s.instance.instance_id.is_empty());
+        let again = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")]).unwrap();
+        assert_eq!(again.instance.instance_id, s.instance.instance_id, "stable from one start to the next");
+        let s = load(&[
+            ("SECRET_KEY", KEY),
+            ("ARI_PASSWORD", "pw"),
+            ("INSTANCE_ID", "ivr-2"),
+            ("INSTANCE_LEASE_SECONDS", "3"),
+        ])
+        .unwrap();
+        assert_eq!((s.instance.instance_id.as_str(), s.instance.lease_ttl), ("ivr-2", Duration::from_secs(3)));
+        for bad in ["a/b", "two words", &"x".repeat(65)] {
+            let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("INSTANCE_ID", bad)]).unwrap_err();
+            assert_eq!(e.variable, "INSTANCE_ID");
+        }
+    }
+
+    #[test]
     fn hardening_settings() {
         let s = load(&[
             ("SECRET_KEY", KEY),
@@ -395,6 +459,7 @@ mod tests {
             ("LOGIN_USER_FORGIVE_SECONDS", "x"),
             ("LOGIN_SLOWDOWN_MS", "60001"),
             ("ARI_MAX_CONNECTIONS", "1"),
+            ("INSTANCE_LEASE_SECONDS", "1"),
         ] {
             let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), (var, bad)]).unwrap_err();
             assert_eq!(e.variable, var, "{e}");

@@ -37,6 +37,7 @@ impl CallManager {
     /// Dials the call's current attempt and records the outcome; `reply` hears it.
     pub(crate) async fn place(&self, call: Call, reply: Option<oneshot::Sender<Result<Call>>>) {
         let call_id = call.call_id;
+        self.wait_for_shared_slot().await;
         let result = self.try_place(call).await;
         match reply {
             Some(reply) => {
@@ -47,6 +48,23 @@ impl CallManager {
                     tracing::warn!(%call_id, error = %e, "the call could not be placed");
                 }
             }
+        }
+    }
+
+    /// Beside other instances, the calls-per-second limit holds for all of them together:
+    /// each originate also takes a slot of the bucket they share in PostgreSQL. (This
+    /// process's own bucket, in `pacing.rs`, keeps its queue in order.) If the database does
+    /// not answer, the call goes on with this process's own pacing alone.
+    async fn wait_for_shared_slot(&self) {
+        let shared = &self.shared;
+        let Some(instance) = shared.instance.as_ref().filter(|i| i.is_shared()) else { return };
+        let cps = shared.settings.max_calls_per_second;
+        if cps == 0 {
+            return;
+        }
+        match instance.leases().take_slot(Duration::from_secs(1) / cps).await {
+            Ok(wait) => tokio::time::sleep(wait).await,
+            Err(e) => tracing::warn!(error = %e, "the shared calls-per-second bucket did not answer"),
         }
     }
 

@@ -4,6 +4,9 @@
 //! - [`SqlCallStore`]: SQLite (the embedded default, one file in WAL mode) or PostgreSQL
 //!   (production), through sqlx with embedded migrations and runtime-checked queries.
 //!
+//! - [`Leases`] (`lease.rs`): beside the calls in a SQL database, the leases of running
+//!   processes and which one follows each call (several instances over PostgreSQL).
+//!
 //! Every implementation runs the same conformance suite (`conformance`, feature `testing`).
 
 use std::fmt;
@@ -15,12 +18,14 @@ use time::OffsetDateTime;
 use crate::call::{Call, CallId, CallStatus, Ignored, PhoneNumber, Transition};
 use crate::error::Result;
 
+pub mod lease;
 mod memory;
 mod sql;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
 
+pub use lease::{Lease, Leases};
 pub use memory::MemoryCallStore;
 pub use sql::{EmbeddedMigrations, SqlCallStore};
 

@@ -37,16 +37,20 @@ const IN_CHUNK: usize = 500;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "calls", include_str!("../../migrations/0001_calls.sql")),
     (2, "sent_at", include_str!("../../migrations/0002_sent_at.sql")),
+    (4, "instances", include_str!("../../migrations/0004_instances.sql")),
 ];
 
 /// A [`CallStore`] on SQLite or PostgreSQL. Cheap to clone: it is a connection pool handle.
 #[derive(Clone, Debug)]
 pub struct SqlCallStore {
     pool: AnyPool,
+    engine: Engine,
+    /// The lease new calls are stored as followed by (`calls.owner`), if any.
+    owner: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Engine {
+pub(crate) enum Engine {
     Sqlite,
     Postgres,
 }
@@ -88,7 +92,7 @@ impl SqlCallStore {
             Engine::Postgres => options.max_connections(16),
         };
         let pool = options.connect(&url).await.map_err(unavailable)?;
-        Ok(SqlCallStore { pool })
+        Ok(SqlCallStore { pool, engine, owner: None })
     }
 
     /// Applies the embedded migrations that have not run yet.
@@ -99,6 +103,15 @@ impl SqlCallStore {
     /// The pool, for components that keep their own tables in the same database.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    pub(crate) fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// This store, storing new calls as followed by the lease `lease_id` (`calls.owner`).
+    pub fn with_owner(&self, lease_id: &str) -> SqlCallStore {
+        SqlCallStore { owner: Some(lease_id.to_owned()), ..self.clone() }
     }
 
     async fn load(&self, conn: &mut AnyConnection, call_id: CallId) -> Result<Option<Call>> {
@@ -178,7 +191,7 @@ impl SqlCallStore {
         let mut tx = self.pool.begin().await?;
         let query = sqlx::query(INSERT_CALL).bind(call.call_id.to_string());
         let query = bind_spec(query, &call.spec).bind(micros(call.created_at));
-        bind_state(query, call).execute(&mut *tx).await?;
+        bind_state(query, call).bind(self.owner.as_deref()).execute(&mut *tx).await?;
         insert_history(&mut tx, call, 0).await?;
         tx.commit().await
     }
@@ -335,7 +348,7 @@ const SELECT_CALLS: &str = concat!("SELECT ", call_columns!(), " FROM calls");
 const INSERT_CALL: &str = concat!(
     "INSERT INTO calls (",
     call_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+    ", owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
 );
 
 /// The state columns in [`bind_state`]'s order, then the row guard.
@@ -525,7 +538,7 @@ fn parse_id(s: &str) -> Result<CallId> {
     s.parse().map_err(|_| Error::StoreCorrupt(format!("call_id {s:?} is not a UUID")))
 }
 
-fn unavailable(e: impl Into<crate::error::BoxError>) -> Error {
+pub(crate) fn unavailable(e: impl Into<crate::error::BoxError>) -> Error {
     Error::StoreUnavailable(e.into())
 }
 
