@@ -588,6 +588,9 @@ impl CallStore for FlakyStore {
     async fn list_active(&self) -> ivr_core::Result<Vec<Call>> {
         self.inner.list_active().await
     }
+    async fn purge_ended_batch(&self, before: time::OffsetDateTime, limit: usize) -> ivr_core::Result<usize> {
+        self.inner.purge_ended_batch(before, limit).await
+    }
     async fn ping(&self) -> ivr_core::Result<()> {
         self.inner.ping().await
     }
@@ -735,6 +738,9 @@ impl CallStore for SlowListing {
         self.listings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         tokio::time::sleep(self.delay).await;
         self.inner.list_active().await
+    }
+    async fn purge_ended_batch(&self, before: time::OffsetDateTime, limit: usize) -> ivr_core::Result<usize> {
+        self.inner.purge_ended_batch(before, limit).await
     }
     async fn ping(&self) -> ivr_core::Result<()> {
         self.inner.ping().await
