@@ -233,8 +233,8 @@ async fn asterisk_losing_every_channel_without_a_word_settles_each_call_after_th
     /// store write per call, with room for a loaded machine.
     const SETTLE_BOUND: Duration = Duration::from_secs(5);
     let settings = local(ManagerSettings {
-        // One call a second: the three live calls are dialled at 0, 1 and 2 s, the queued two
-        // would be at 3 and 4 s; the kill comes at about 2.2 s.
+        // One call a second: the three live calls are dialled at 0, 1 and 2 s, the queued four
+        // from 3 s on; the kill comes at about 2.2 s, so the last ones are surely still queued.
         max_calls_per_second: 1,
         // Deadlines far away: only the reconcile after the reconnect may settle the calls.
         ring_grace: Duration::from_secs(600),
@@ -249,10 +249,24 @@ async fn asterisk_losing_every_channel_without_a_word_settles_each_call_after_th
     rig.fake.set_plan("+15550200001", CalleePlan::Unreachable); // stays dialing
     rig.fake.set_plan("+15550200002", CalleePlan::NoAnswer { ring_for: s(3600) }); // ringing
     rig.fake.set_plan("+15550200003", CalleePlan::LongCall { ring: s(1), talk: s(3600) }); // answered
-    rig.fake.set_plan("+15550200004", CalleePlan::Busy { ring: s(1) }); // queued, then busy
-    rig.fake.set_plan("+15550200005", CalleePlan::LongCall { ring: s(1), talk: s(2) }); // queued, then answered
-
-    let numbers = ["+15550200001", "+15550200002", "+15550200003", "+15550200004", "+15550200005"];
+                                                                                           // Queued, then busy or answered (and hung up after 2 s).
+    for number in ["+15550200004", "+15550200006"] {
+        rig.fake.set_plan(number, CalleePlan::Busy { ring: s(1) });
+    }
+    for number in ["+15550200005", "+15550200007"] {
+        rig.fake.set_plan(number, CalleePlan::LongCall { ring: s(1), talk: s(2) });
+    }
+    let numbers = [
+        "+15550200001",
+        "+15550200002",
+        "+15550200003",
+        "+15550200004",
+        "+15550200005",
+        "+15550200006",
+        "+15550200007",
+    ];
+    let busy = (CallStatus::Failed, Some(FailureReason::Busy));
+    let queued_outcome = |i: usize| if i % 2 == 1 { busy } else { (CallStatus::Completed, None) };
     let mut ids = Vec::new();
     for number in numbers {
         let placed = within("originate", Duration::from_secs(10), rig.manager.originate(request(number, 3600))).await;
@@ -261,10 +275,15 @@ async fn asterisk_losing_every_channel_without_a_word_settles_each_call_after_th
     rig.until_status(ids[0], CallStatus::Dialing).await;
     rig.until_status(ids[1], CallStatus::Ringing).await;
     rig.until_status(ids[2], CallStatus::Answered).await;
-    for id in &ids[3..] {
-        let call = rig.manager.get(*id).await.unwrap().unwrap();
-        assert!(call.is_queued(), "still waiting in the queue at the kill: {call:?}");
+    // Which of the last four still wait in the queue (never sent) at the kill: the last ones
+    // surely; on a slow machine the first may have been dialled just before.
+    let mut queued = Vec::new();
+    for (i, id) in ids.iter().enumerate().skip(3) {
+        if rig.manager.get(*id).await.unwrap().unwrap().is_queued() {
+            queued.push((*id, queued_outcome(i)));
+        }
     }
+    assert!(queued.len() >= 2, "calls still wait in the queue at the kill");
 
     // The kill: every channel gone without an event, every socket cut.
     for id in rig.fake.channel_ids() {
@@ -298,13 +317,10 @@ async fn asterisk_losing_every_channel_without_a_word_settles_each_call_after_th
     assert!(answered.history.last().unwrap().cause.contains("no longer knows"), "{:?}", answered.history);
 
     // The queued calls were never sent before the kill: they are dialled now, and end true.
+    // (One dialled just before the kill ends as the kill left it: it only has to end.)
     rig.until_all_ended(Duration::from_secs(20)).await;
-    check_outcomes(
-        &rig.manager,
-        &[(ids[3], (CallStatus::Failed, Some(FailureReason::Busy))), (ids[4], (CallStatus::Completed, None))],
-    )
-    .await;
-    assert_eq!(rig.fake.originate_count(), 5, "each call dialled once");
+    check_outcomes(&rig.manager, &queued).await;
+    assert_eq!(rig.fake.originate_count(), numbers.len(), "each call dialled once");
     eprintln!("lost calls settled {took:?} after the reconnect (bound {SETTLE_BOUND:?})");
     rig.stop().await;
 }
