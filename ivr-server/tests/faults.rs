@@ -385,8 +385,8 @@ async fn postgres_restarted_under_load_is_503_then_recovers_and_loses_nothing() 
 // SIGTERM under load
 
 /// The built `ivr-server`, serving on `port` with the calls in `db` and Asterisk at `fake`.
-fn spawn_server(db: &Path, port: u16, fake: &FakeAsterisk) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_ivr-server"))
+fn spawn_server(db: &Path, port: u16, fake: &FakeAsterisk) -> Server {
+    let child = Command::new(env!("CARGO_BIN_EXE_ivr-server"))
         .env_clear()
         .env("DATABASE_URL", format!("sqlite://{}", db.display()))
         .env("SECRET_KEY", SECRET_KEY)
@@ -407,7 +407,20 @@ fn spawn_server(db: &Path, port: u16, fake: &FakeAsterisk) -> Child {
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
-        .expect("spawn ivr-server")
+        .expect("spawn ivr-server");
+    Server(Some(child))
+}
+
+/// A spawned `ivr-server`, killed if the test ends (or fails) before it exited.
+struct Server(Option<Child>);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
 
 async fn until_ready(base: &str) {
@@ -424,16 +437,26 @@ async fn until_ready(base: &str) {
     .await;
 }
 
-async fn sigterm_and_wait(mut child: Child) -> std::process::ExitStatus {
+async fn sigterm_and_wait(mut server: Server) -> std::process::ExitStatus {
+    let mut child = server.0.take().expect("a running server");
     // SAFETY: kill with a pid of a child this test spawned and has not reaped.
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) }, 0);
     let waited = tokio::task::spawn_blocking(move || {
-        let status = child.wait();
-        (status, child)
+        // Polled, so that a server that does not exit is killed rather than left behind.
+        let deadline = std::time::Instant::now() + STEP;
+        while std::time::Instant::now() < deadline {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
     });
-    match tokio::time::timeout(STEP, waited).await {
-        Ok(Ok((status, _))) => status.expect("wait"),
-        _ => panic!("ivr-server did not exit within {STEP:?} of SIGTERM"),
+    match waited.await.expect("the wait") {
+        Some(status) => status,
+        None => panic!("ivr-server did not exit within {STEP:?} of SIGTERM"),
     }
 }
 
