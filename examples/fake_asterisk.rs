@@ -8,7 +8,9 @@
 //! would work, but the process keeps running, so usually copy them into another terminal) and
 //! runs until Ctrl-C. Without `--port` it picks a free port. The numbers it knows are those of
 //! `ivr_core::fake::CalleePlan::default_for`: +15550000001 answers, …002 is busy, …004 never
-//! answers, and so on.
+//! answers, and so on. On Ctrl-C (SIGINT) it prints what it saw on stderr, one
+//! `fake_asterisk: stats key=value …` line (originates, channel lookups and listings, peak
+//! HTTP sessions, refused sessions), which `scripts/load.sh` reads.
 
 use std::io::Write as _;
 use std::process::ExitCode;
@@ -76,6 +78,11 @@ async fn main() -> ExitCode {
     if let Err(e) = tokio::signal::ctrl_c().await {
         eprintln!("fake_asterisk: cannot wait for Ctrl-C ({e}); stopping");
     }
+    let s = fake.stats();
+    eprintln!(
+        "fake_asterisk: stats originates={} channel_gets={} channel_lists={} peak_sessions={} refused_sessions={} write_timeouts={} events_written={}",
+        s.originates, s.channel_gets, s.channel_lists, s.peak_sessions, s.refused_sessions, s.write_timeouts, s.events_written
+    );
     fake.shutdown().await;
     eprintln!("fake_asterisk: stopped");
     ExitCode::SUCCESS

@@ -11,6 +11,9 @@
 //! - [`store`]: the [`CallStore`] contract with in-memory, SQLite and PostgreSQL
 //!   implementations.
 //!
+//! - [`fake`] and [`ingest`] (feature `testing`): a fake Asterisk for tests, and the event
+//!   path without a store for benchmarks.
+//!
 //! ivr-core knows nothing of HTTP routing, JWT or users: that is ivr-server's business.
 
 pub mod ari;
@@ -18,6 +21,8 @@ pub mod call;
 mod error;
 #[cfg(feature = "testing")]
 pub mod fake;
+#[cfg(feature = "testing")]
+pub mod ingest;
 pub mod manager;
 pub mod store;
 

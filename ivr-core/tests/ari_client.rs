@@ -1,5 +1,5 @@
 //! AriClient and EventStream against the fake Asterisk: every REST call, each error kind,
-//! reconnects, replacement, and a slow consumer's loss being counted.
+//! reconnects, replacement, a stalled consumer losing nothing, and the connection bound.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -154,12 +154,15 @@ async fn each_error_kind_keeps_aris_status_and_message() {
     quick.request_timeout = Duration::from_millis(200);
     let slow = within("timeout", AriClient::new(quick).unwrap().originate(&originate("+15550000001", "slow"))).await;
     assert!(matches!(slow, Err(AriError::Timeout(_))), "{slow:?}");
+    let slow = slow.unwrap_err();
+    assert!(slow.is_connection_failure() && slow.status().is_none(), "{slow:?}");
 
     // Nothing listening at all.
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
     let nowhere = AriConfig::new(format!("http://{closed}/ari"), "ivr", "ivr-secret", "ivr");
     let transport = within("refused", AriClient::new(nowhere).unwrap().list_channels()).await;
-    assert!(matches!(transport, Err(AriError::Transport(_))), "{transport:?}");
+    assert!(matches!(transport, Err(AriError::Connect(_))), "{transport:?}");
+    assert!(transport.unwrap_err().is_connection_failure());
 }
 
 #[tokio::test]
@@ -228,34 +231,129 @@ async fn a_second_socket_for_the_app_replaces_the_first() {
 }
 
 #[tokio::test]
-async fn a_slow_consumer_is_told_how_many_events_it_lost() {
+async fn a_stalled_consumer_loses_no_event_and_keeps_the_socket() {
+    const EVENTS: usize = 20_000;
     let fake = fake().await;
-    let ari = AriClient::new(config(&fake)).unwrap();
-    let mut small = config(&fake);
-    small.event_buffer = 2;
-    let mut events = EventStream::connect(small).unwrap();
+    let mut events = EventStream::connect(config(&fake)).unwrap();
+    let stats = events.stats();
     assert_eq!(connected(&mut events).await, 1);
 
-    // A whole short call's worth of events while nobody reads.
-    let id = uuid::Uuid::new_v4().to_string();
-    within("originate", ari.originate(&originate("+15550000006", &id))).await.unwrap();
-    within("call ends", async {
-        while ari.get_channel(&id).await.is_ok() {
+    // The consumer reads nothing while the fake writes every event at once.
+    assert_eq!(fake.send_user_events("ivr", "load", EVENTS), EVENTS);
+    // The reader keeps reading meanwhile: all of them end up queued on our side.
+    within("all events read", async {
+        while stats.queue_depth() < EVENTS as u64 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stall = Duration::from_millis(300);
+    tokio::time::sleep(stall).await;
+    assert_eq!(stats.queue_depth(), EVENTS as u64, "nothing else arrived, nothing was lost");
 
-    let mut delivered = 0;
-    let mut dropped = 0;
-    while let Ok(Some(item)) = tokio::time::timeout(Duration::from_millis(300), events.next()).await {
-        match item {
-            StreamItem::Event(_) => delivered += 1,
-            StreamItem::Dropped { count } => dropped += count,
-            other => panic!("unexpected {other:?}"),
+    // Then it drains: every event, in the order sent, on the same connection.
+    for expected in 0..EVENTS {
+        match next_item(&mut events).await {
+            StreamItem::Event(AriEvent::Unknown { kind, raw }) if kind == "ChannelUserevent" => {
+                assert_eq!(raw["userevent"]["seq"], expected.to_string(), "event {expected} out of order");
+            }
+            other => panic!("event {expected}: expected a user event, got {other:?}"),
+        }
+        if expected == 0 {
+            assert!(stats.consumer_lag() >= stall, "the first event waited the stall out: {:?}", stats.consumer_lag());
         }
     }
-    assert_eq!(delivered, 2, "the buffer held two events");
-    assert!(dropped > 0, "the loss is counted");
+    assert_eq!(stats.queue_depth(), 0);
+    assert!(stats.consumed() > EVENTS as u64, "the connect and every event");
+    let seen = fake.stats();
+    assert_eq!((seen.write_timeouts, seen.sessions), (0, 1), "the fake kept its one socket open: {seen:?}");
+    // And the socket still carries events.
+    fake.send_user_events("ivr", "after", 1);
+    assert!(matches!(next_item(&mut events).await, StreamItem::Event(AriEvent::Unknown { .. })));
+}
+
+/// A fake that admits `limit` HTTP sessions, with a connected event stream (one of them).
+async fn limited_fake(limit: usize, max_connections: usize) -> (FakeAsterisk, AriClient, EventStream) {
+    let fake = FakeAsterisk::start_with(FakeConfig { time_scale: 0.02, session_limit: limit, ..FakeConfig::default() })
+        .await
+        .expect("fake Asterisk");
+    let mut config = config(&fake);
+    config.max_connections = max_connections;
+    config.request_timeout = Duration::from_secs(5);
+    let mut events = EventStream::connect(config.clone()).unwrap();
+    assert_eq!(connected(&mut events).await, 1);
+    (fake, AriClient::new(config).unwrap(), events)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_stay_within_max_connections_and_all_succeed() {
+    let (fake, ari, _events) = limited_fake(10, 10).await;
+    let requests = (0..500).map(|_| ari.asterisk_info());
+    let results = within("500 requests", futures_util::future::join_all(requests)).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(failed.is_empty(), "{} failed, e.g. {:?}", failed.len(), failed.first());
+    let seen = fake.stats();
+    assert!(seen.peak_sessions <= 10, "{seen:?}");
+    assert_eq!(seen.refused_sessions, 0, "{seen:?}");
+}
+
+#[tokio::test]
+async fn connections_asterisk_refuses_are_connection_failures() {
+    // The client allows more connections than Asterisk admits.
+    let (fake, ari, _events) = limited_fake(5, 40).await;
+    let requests = (0..200).map(|_| ari.asterisk_info());
+    let results = within("200 requests", futures_util::future::join_all(requests)).await;
+    let failures: Vec<&AriError> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(!failures.is_empty(), "some connections were beyond the limit");
+    for e in &failures {
+        assert!(e.is_connection_failure() && e.status().is_none(), "{e:?}");
+        assert!(matches!(e, AriError::Transport(_)), "closed before an answer: {e:?}");
+    }
+    let seen = fake.stats();
+    assert!(seen.refused_sessions > 0 && seen.peak_sessions <= 5, "{seen:?}");
+    // A bound of 4 REST requests + the socket within the same limit of 5 fails nothing, once
+    // the unbounded client's idle connections (sessions too) are gone.
+    let mut bounded = ari.config().clone();
+    bounded.max_connections = 5;
+    drop(ari);
+    within("idle connections closed", async {
+        while fake.stats().sessions > 1 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await;
+    let ari = AriClient::new(bounded).unwrap();
+    let results = within("bounded", futures_util::future::join_all((0..100).map(|_| ari.asterisk_info()))).await;
+    assert!(results.iter().all(Result::is_ok), "{:?}", results.iter().find(|r| r.is_err()));
+}
+
+#[test]
+fn max_connections_leaves_one_for_the_websocket() {
+    let mut config = AriConfig::new("http://127.0.0.1:8088/ari", "ivr", "ivr-secret", "ivr");
+    assert_eq!(config.max_connections, AriConfig::DEFAULT_MAX_CONNECTIONS);
+    assert!(config.max_connections < 100, "well under Asterisk's default sessionlimit");
+    config.max_connections = 1;
+    let e = AriClient::new(config).unwrap_err();
+    assert!(e.to_string().contains("at least 2"), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_given_up_half_way_do_not_open_extra_connections() {
+    let (fake, ari, _events) = limited_fake(4, 4).await;
+    fake.set_originate_delay(Duration::from_millis(300));
+    // Three originates (every REST connection) whose callers give up at once.
+    let given_up: Vec<_> = (0..3)
+        .map(|i| {
+            let ari = ari.clone();
+            tokio::spawn(async move { ari.originate(&originate("+15550000004", &format!("given-up-{i}"))).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    given_up.iter().for_each(|task| task.abort());
+    let results = within("20 requests", futures_util::future::join_all((0..20).map(|_| ari.asterisk_info()))).await;
+    assert!(results.iter().all(Result::is_ok), "{:?}", results.iter().find(|r| r.is_err()));
+    let seen = fake.stats();
+    assert!(seen.peak_sessions <= 4 && seen.refused_sessions == 0, "{seen:?}");
+    // The abandoned originates were still carried out, once each.
+    assert_eq!(seen.originates, 3);
 }

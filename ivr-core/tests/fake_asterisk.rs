@@ -926,3 +926,41 @@ async fn faults_fail_delay_refuse_drop_and_vanish() {
     assert!(socket.received.lock().unwrap().events.is_empty());
     fake.shutdown().await;
 }
+
+/// Asterisk's two limits on its HTTP side: `sessionlimit` connections at once (beyond it a
+/// connection is closed unanswered), and `websocket_write_timeout` for an event socket whose
+/// reader stopped reading (the socket is closed).
+#[tokio::test]
+async fn sessions_beyond_the_limit_and_stalled_readers_are_closed() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let config =
+        FakeConfig { session_limit: 2, websocket_write_timeout: Duration::from_millis(50), ..FakeConfig::default() };
+    let fake = FakeAsterisk::start_with(config).await.unwrap();
+    // Two sessions: an event socket nobody reads, and an idle connection.
+    let (_unread, _) = timeout(STEP, tokio_tungstenite::connect_async(fake.events_url())).await.unwrap().unwrap();
+    let idle = timeout(STEP, tokio::net::TcpStream::connect(fake.addr())).await.unwrap().unwrap();
+    let deadline = Instant::now() + STEP;
+    while fake.stats().sessions < 2 {
+        assert!(Instant::now() < deadline, "{:?}", fake.stats());
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // A third is accepted and closed before any answer.
+    let mut third = timeout(STEP, tokio::net::TcpStream::connect(fake.addr())).await.unwrap().unwrap();
+    let _ = third.write_all(b"GET /ari/asterisk/info HTTP/1.1\r\nHost: x\r\n\r\n").await;
+    let mut answer = Vec::new();
+    let _ = timeout(STEP, third.read_to_end(&mut answer)).await.expect("closed");
+    assert!(answer.is_empty(), "answered: {}", String::from_utf8_lossy(&answer));
+    let seen = fake.stats();
+    assert_eq!((seen.refused_sessions, seen.peak_sessions), (1, 2), "{seen:?}");
+    drop(idle);
+
+    // More events than the socket buffers hold: the writer stalls, and the socket is closed.
+    assert_eq!(fake.send_user_events("ivr", "flood", 100_000), 100_000);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fake.stats().write_timeouts == 0 || fake.stats().sessions > 0 {
+        assert!(Instant::now() < deadline, "{:?}", fake.stats());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(fake.stats().write_timeouts, 1);
+    fake.shutdown().await;
+}

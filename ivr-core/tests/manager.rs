@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::future::join_all;
-use ivr_core::ari::{AriClient, AriConfig, ChannelState, EventStream, OriginateRequest, OriginateTarget};
+use ivr_core::ari::{AriClient, AriConfig, ChannelState, EventStream, OriginateRequest, OriginateTarget, StreamItem};
 use ivr_core::fake::{CalleePlan, FakeAsterisk, FakeConfig};
 use ivr_core::store::conformance::{new_call, postgres_in_fresh_schema};
 use ivr_core::{
@@ -530,7 +530,12 @@ async fn a_restarted_ivr_takes_over_a_call_answered_while_nobody_followed_it() {
     call.apply(&Transition::new(Step::Dialing, "originate accepted")).unwrap();
     store.insert(&call).await.unwrap();
     let config = AriConfig::new(fake.http_url(), fake.username(), fake.password(), fake.app());
-    let previous = EventStream::connect(config.clone()).unwrap();
+    let mut previous = EventStream::connect(config.clone()).unwrap();
+    // The previous ivr's socket is up (its app registered) before it places the call.
+    within("previous connected", async {
+        while !matches!(previous.next().await, Some(StreamItem::Connected { .. })) {}
+    })
+    .await;
     let ari = AriClient::new(config).unwrap();
     let request = OriginateRequest {
         endpoint: "Local/+15550000042@sim".into(),

@@ -1,23 +1,24 @@
-//! The handlers. [`handle`] resolves the route, checks the token where one is needed, and
-//! turns every failure into a problem answer: nothing reaches hyper as an error.
+//! The handlers, one per route of [`router::ROUTES`]. [`handle`] resolves the route, checks
+//! the token where one is needed, and turns every failure into a problem answer: nothing
+//! reaches hyper as an error.
+//!
+//! Each handler carries its OpenAPI operation (`#[utoipa::path]`): its parameters, body and
+//! answers, with the request and response types it really reads and writes. [`openapi`]
+//! gathers them into the document.
 
-use hyper::body::Incoming;
+use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, PRAGMA};
 use hyper::http::request::Parts;
 use hyper::{Request, Response, StatusCode};
-use ivr_core::{CallId, CallQuery, CallRequest, CallStatus, Cursor, PhoneNumber};
-use serde_json::json;
-use time::format_description::well_known::Rfc3339;
-use time::OffsetDateTime;
+use ivr_core::CallId;
 
 use crate::body::{self, full, Body};
+use crate::fields::{IdempotencyKey, PhoneText};
 use crate::problem::Problem;
+use crate::request::{CallBody, CallOptions, ListQuery, TokenForm};
 use crate::router::{self, Miss, Route};
-use crate::view::{CallView, CreatedView, ListView};
+use crate::view::{CallView, CreatedView, HealthView, ListView, ReadyView};
 use crate::{metrics, openapi, sse, AppState};
-
-/// The longest `Idempotency-Key` accepted: the manager's own limit.
-const MAX_IDEMPOTENCY_KEY: usize = CallRequest::MAX_IDEMPOTENCY_KEY;
 
 /// Answers one request. Returns the route template (`unmatched` when none) for logs and
 /// metrics along with the response.
@@ -46,42 +47,48 @@ async fn answer(state: &AppState, route: Route, request: Request<Incoming>) -> R
     if route.needs_auth() {
         authenticate(state, &parts).await?;
     }
+    let docs = state.options().docs_enabled;
     match route {
-        Route::Healthz => Ok(body::json(StatusCode::OK, &json!({"status": "ok"}))),
+        Route::Healthz => Ok(healthz()),
         Route::Readyz => readyz(state).await,
-        Route::Metrics if state.options().metrics_enabled => {
-            Ok(text("text/plain; version=0.0.4; charset=utf-8", metrics::render(state.registry())))
+        Route::Metrics if state.options().metrics_enabled => Ok(metrics(state)),
+        Route::Docs if docs => Ok(openapi::docs()),
+        Route::DocsFile { file } if docs => openapi::docs_file(&file),
+        Route::OpenApi if docs => Ok(openapi::openapi_json(state.openapi_json())),
+        Route::Metrics | Route::Docs | Route::DocsFile { .. } | Route::OpenApi => {
+            Err(Problem::not_found("this route is turned off"))
         }
-        Route::Docs if state.options().docs_enabled => Ok(text("text/html; charset=utf-8", openapi::docs_html())),
-        Route::OpenApi if state.options().docs_enabled => Ok(text("application/json", openapi::SPEC)),
-        Route::Metrics | Route::Docs | Route::OpenApi => Err(Problem::not_found("this route is turned off")),
         Route::Token => token(state, &parts, body::read(&parts.headers, body).await?).await,
         Route::Interaction { number } => {
-            let bytes = body::read(&parts.headers, body).await?;
-            create_call(state, &parts, &bytes, Some(number)).await
+            interaction(state, &parts, body::read(&parts.headers, body).await?, &number).await
         }
-        Route::CreateCall => {
-            let bytes = body::read(&parts.headers, body).await?;
-            create_call(state, &parts, &bytes, None).await
-        }
+        Route::CreateCall => create_call(state, &parts, body::read(&parts.headers, body).await?).await,
         Route::ListCalls => list_calls(state, &parts).await,
-        Route::GetCall { call_id } | Route::Status { call_id } => {
-            let call_id = parse_call_id(&call_id)?;
-            let call = state.manager().get(call_id).await?.ok_or(ivr_core::Error::NotFound(call_id))?;
-            Ok(body::json(StatusCode::OK, &CallView::from(&call)))
-        }
-        Route::CancelCall { call_id } => {
-            let call = state.manager().cancel(parse_call_id(&call_id)?).await?;
-            Ok(body::json(StatusCode::ACCEPTED, &CallView::from(&call)))
-        }
-        Route::CallEvents { call_id } => {
-            let updates = state.manager().watch(parse_call_id(&call_id)?).await?;
-            Ok(sse::response(updates, state.closing()))
-        }
+        Route::GetCall { call_id } => get_call(state, &call_id).await,
+        Route::Status { call_id } => call_status(state, &call_id).await,
+        Route::CancelCall { call_id } => cancel_call(state, &call_id).await,
+        Route::CallEvents { call_id } => call_events(state, &call_id).await,
     }
 }
 
-fn text(content_type: &'static str, body: impl Into<hyper::body::Bytes>) -> Response<Body> {
+/// The process is up.
+#[utoipa::path(get, path = "/healthz", tag = "operations", operation_id = "healthz",
+    responses((status = 200, description = "Up", body = HealthView)))]
+pub(crate) fn healthz() -> Response<Body> {
+    body::json(StatusCode::OK, &HealthView { status: "ok" })
+}
+
+/// Prometheus metrics (only with METRICS_ENABLED=true).
+#[utoipa::path(get, path = "/metrics", tag = "operations", operation_id = "metrics",
+    responses(
+        (status = 200, description = "The Prometheus text format", body = String, content_type = "text/plain"),
+        (status = 404, response = Problem),
+    ))]
+pub(crate) fn metrics(state: &AppState) -> Response<Body> {
+    text("text/plain; version=0.0.4; charset=utf-8", metrics::render(state.registry()))
+}
+
+fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
     let mut response = Response::new(full(body));
     response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static(content_type));
     response
@@ -103,12 +110,18 @@ async fn authenticate(state: &AppState, parts: &Parts) -> Result<String, Problem
     Ok(sub)
 }
 
-async fn readyz(state: &AppState) -> Result<Response<Body>, Problem> {
+/// The store answers and the ARI event WebSocket is connected.
+#[utoipa::path(get, path = "/readyz", tag = "operations", operation_id = "readyz",
+    responses(
+        (status = 200, description = "Ready", body = ReadyView),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn readyz(state: &AppState) -> Result<Response<Body>, Problem> {
     let store = state.manager().store().ping().await;
     let ari = state.manager().is_connected();
     let detail = match (&store, ari) {
         (Ok(()), true) => {
-            return Ok(body::json(StatusCode::OK, &json!({"status": "ready", "store": "ok", "ari": "connected"})))
+            return Ok(body::json(StatusCode::OK, &ReadyView { status: "ready", store: "ok", ari: "connected" }))
         }
         (Err(_), true) => "the call store does not answer",
         (Ok(()), false) => "the ARI event WebSocket is not connected",
@@ -119,8 +132,24 @@ async fn readyz(state: &AppState) -> Result<Response<Body>, Problem> {
         .with("ari", if ari { "connected" } else { "disconnected" }))
 }
 
-/// `POST /api/v1/token`: the OAuth2 password grant.
-async fn token(state: &AppState, parts: &Parts, body: hyper::body::Bytes) -> Result<Response<Body>, Problem> {
+/// Get an access token (OAuth2 password grant).
+///
+/// Wrong username and wrong password get the same 401. With DISABLE_DB=true this answers
+/// 503: mint tokens with `ivr-server token --sub NAME`.
+#[utoipa::path(post, path = "/api/v1/token", tag = "auth", operation_id = "token",
+    request_body(content = TokenForm, content_type = "application/x-www-form-urlencoded"),
+    responses(
+        (status = 200, description = "A token", body = crate::auth::AccessToken,
+            headers(("Cache-Control" = String, description = "no-store"))),
+        (status = 400, response = Problem),
+        (status = 401, response = Problem),
+        (status = 408, response = Problem),
+        (status = 413, response = Problem),
+        (status = 415, response = Problem),
+        (status = 429, response = Problem),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn token(state: &AppState, parts: &Parts, body: Bytes) -> Result<Response<Body>, Problem> {
     let Some(users) = state.users() else {
         return Err(Problem::new(
             "database-required",
@@ -129,26 +158,7 @@ async fn token(state: &AppState, parts: &Parts, body: hyper::body::Bytes) -> Res
         ));
     };
     body::require_media_type(&parts.headers, "application/x-www-form-urlencoded")?;
-    let mut username = None;
-    let mut password = None;
-    for (key, value) in form_urlencoded::parse(&body) {
-        match &*key {
-            "username" => username = Some(value.into_owned()),
-            "password" => password = Some(value.into_owned()),
-            "grant_type" if value != "password" => {
-                return Err(Problem::bad_request(format!(
-                    "unsupported grant_type {value:?}: only \"password\" is supported"
-                ))
-                .with("error", "unsupported_grant_type"))
-            }
-            // OAuth2 clients may send these; they change nothing here.
-            "grant_type" | "scope" | "client_id" | "client_secret" => {}
-            other => return Err(Problem::bad_request(format!("unknown form field {other:?}"))),
-        }
-    }
-    let (Some(username), Some(password)) = (username, password) else {
-        return Err(Problem::bad_request("the form needs both username and password").with("error", "invalid_request"));
-    };
+    let TokenForm { username, password, .. } = TokenForm::parse(&body)?;
     // Counted before the password is looked at; see throttle.rs.
     let client = state.options().trusted_proxies.client_of(&parts.extensions, &parts.headers);
     let attempt = state.login_throttle().begin(&username, client)?;
@@ -177,37 +187,91 @@ async fn token(state: &AppState, parts: &Parts, body: hyper::body::Bytes) -> Res
     Ok(response)
 }
 
-/// `POST /api/v1/calls` and the interaction route: the body is the engine's [`CallRequest`]
-/// (every field optional but `phone_number` on `POST /api/v1/calls`; unknown fields refused),
-/// the idempotency key a header.
-async fn create_call(
+/// Place a call to the number in the path.
+///
+/// The body is optional: without one, every option takes its default.
+#[utoipa::path(post, path = "/api/v1/interaction/{number}", tag = "calls", operation_id = "interaction",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(
+        ("number" = PhoneText, Path, description = "The number to call (encode `+` as `%2B`)"),
+        ("Idempotency-Key" = Option<IdempotencyKey>, Header, nullable = false),
+    ),
+    request_body(content = Option<CallOptions>, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Accepted and dialing", body = CreatedView,
+            headers(("Location" = String, description = "The call's URL"),
+                ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this Idempotency-Key made the call"))),
+        (status = 400, response = Problem),
+        (status = 401, response = Problem),
+        (status = 403, response = Problem),
+        (status = 408, response = Problem),
+        (status = 409, response = Problem),
+        (status = 413, response = Problem),
+        (status = 415, response = Problem),
+        (status = 422, response = Problem),
+        (status = 500, response = Problem),
+        (status = 502, response = Problem),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn interaction(
     state: &AppState,
     parts: &Parts,
-    bytes: &[u8],
-    path_number: Option<String>,
+    bytes: Bytes,
+    number: &str,
 ) -> Result<Response<Body>, Problem> {
-    let mut request: CallRequest = if bytes.iter().all(u8::is_ascii_whitespace) {
-        if path_number.is_none() {
-            return Err(Problem::bad_request("a JSON body with phone_number is required"));
-        }
-        CallRequest::default()
+    let number = PhoneText::parse(number).map_err(|e| Problem::new("invalid-phone-number", e))?;
+    let options = if bytes.iter().all(u8::is_ascii_whitespace) {
+        CallBody::default()
     } else {
         body::require_media_type(&parts.headers, "application/json")?;
-        serde_json::from_slice(bytes).map_err(|e| Problem::bad_request(format!("invalid JSON body: {e}")))?
+        CallBody::options_from_json(&bytes)?
     };
-    match (path_number, &request.phone_number) {
-        (Some(_), Some(_)) => {
-            return Err(Problem::bad_request("phone_number is given in the path; leave it out of the body"))
-        }
-        (Some(n), None) => request.phone_number = Some(n),
-        (None, Some(_)) => {}
-        (None, None) => return Err(Problem::bad_request("phone_number is required")),
+    if options.phone_number.is_some() {
+        return Err(Problem::bad_request("phone_number is given in the path; leave it out of the body"));
     }
-    if let Some(number) = &request.phone_number {
-        // The destination policy, before anything reaches the engine (and Asterisk).
-        state.check_destination(&PhoneNumber::parse(number).map_err(ivr_core::Error::from)?)?;
+    originate(state, parts, options, &number).await
+}
+
+/// Place a call.
+#[utoipa::path(post, path = "/api/v1/calls", tag = "calls", operation_id = "createCall",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("Idempotency-Key" = Option<IdempotencyKey>, Header, nullable = false)),
+    request_body(content = CallBody, content_type = "application/json"),
+    responses(
+        (status = 201, description = "Accepted and dialing", body = CreatedView,
+            headers(("Location" = String, description = "The call's URL"),
+                ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this Idempotency-Key made the call"))),
+        (status = 400, response = Problem),
+        (status = 401, response = Problem),
+        (status = 403, response = Problem),
+        (status = 408, response = Problem),
+        (status = 409, response = Problem),
+        (status = 413, response = Problem),
+        (status = 415, response = Problem),
+        (status = 422, response = Problem),
+        (status = 500, response = Problem),
+        (status = 502, response = Problem),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn create_call(state: &AppState, parts: &Parts, bytes: Bytes) -> Result<Response<Body>, Problem> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(Problem::bad_request("a JSON body with phone_number is required"));
     }
-    request.idempotency_key = idempotency_key(parts)?;
+    body::require_media_type(&parts.headers, "application/json")?;
+    let mut call_body = CallBody::from_json(&bytes)?;
+    let number = call_body.phone_number.take().ok_or_else(|| Problem::bad_request("phone_number is required"))?;
+    originate(state, parts, call_body, &number).await
+}
+
+async fn originate(
+    state: &AppState,
+    parts: &Parts,
+    options: CallBody,
+    number: &PhoneText,
+) -> Result<Response<Body>, Problem> {
+    // The destination policy, before anything reaches the engine (and Asterisk).
+    state.check_destination(&number.to_phone_number())?;
+    let request = options.into_request(number, idempotency_key(parts)?);
     let placed = state.manager().originate(request).await?;
     let call = &placed.call;
     let mut response = body::json(StatusCode::CREATED, &CreatedView::from(call));
@@ -224,92 +288,106 @@ async fn create_call(
 
 fn idempotency_key(parts: &Parts) -> Result<Option<String>, Problem> {
     let Some(value) = parts.headers.get("idempotency-key") else { return Ok(None) };
-    let bad =
-        || Problem::bad_request(format!("Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} visible ASCII characters"));
-    let key = value.to_str().map_err(|_| bad())?.trim();
-    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY || !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
-        return Err(bad());
-    }
-    Ok(Some(key.to_owned()))
+    let text = value
+        .to_str()
+        .map_err(|_| Problem::bad_request(format!("Idempotency-Key must be {}", IdempotencyKey::RULE.must_be)))?;
+    let key = IdempotencyKey::parse(text).map_err(Problem::bad_request)?;
+    Ok(Some(key.into_string()))
 }
 
 fn parse_call_id(text: &str) -> Result<CallId, Problem> {
     text.parse().map_err(|_| Problem::bad_request(format!("{text:?} is not a call id (a UUID)")))
 }
 
-/// `GET /api/v1/calls`: filters and a page position from the query string.
-async fn list_calls(state: &AppState, parts: &Parts) -> Result<Response<Body>, Problem> {
-    let query = parse_list_query(parts.uri.query().unwrap_or(""))?;
+/// List calls, newest first, a page at a time.
+#[utoipa::path(get, path = "/api/v1/calls", tag = "calls", operation_id = "listCalls",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(ListQuery),
+    responses(
+        (status = 200, description = "A page of calls", body = ListView),
+        (status = 400, response = Problem),
+        (status = 401, response = Problem),
+        (status = 500, response = Problem),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn list_calls(state: &AppState, parts: &Parts) -> Result<Response<Body>, Problem> {
+    let query = ListQuery::parse(parts.uri.query().unwrap_or(""))?.to_call_query();
     let page = state.manager().list(&query).await?;
     Ok(body::json(StatusCode::OK, &ListView::from(&page)))
 }
 
-/// Reads `status` (repeated or comma-separated), `from`, `to` (RFC 3339), `phone_number`,
-/// `limit` (1–1000) and `cursor`. A `+` that arrives as a space (form encoding) is read as `+`.
-pub fn parse_list_query(query: &str) -> Result<CallQuery, Problem> {
-    let mut q = CallQuery::default();
-    let time = |name: &str, value: &str| {
-        OffsetDateTime::parse(&value.replace(' ', "+"), &Rfc3339).map_err(|_| {
-            Problem::bad_request(format!("{name} must be an RFC 3339 timestamp, e.g. 2025-01-31T12:00:00Z"))
-        })
-    };
-    for (key, value) in form_urlencoded::parse(query.as_bytes()) {
-        match &*key {
-            "status" => {
-                for name in value.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                    let status: CallStatus = name.parse().map_err(|e| Problem::bad_request(format!("{e}")))?;
-                    if !q.statuses.contains(&status) {
-                        q.statuses.push(status);
-                    }
-                }
-            }
-            "from" => q.created_from = Some(time("from", &value)?),
-            "to" => q.created_to = Some(time("to", &value)?),
-            "phone_number" => {
-                let number = match value.strip_prefix(' ') {
-                    Some(rest) => format!("+{rest}"),
-                    None => value.into_owned(),
-                };
-                q.phone_number = Some(PhoneNumber::parse(&number).map_err(ivr_core::Error::from)?);
-            }
-            "limit" => {
-                q.limit =
-                    value.parse::<usize>().ok().filter(|n| (1..=CallQuery::MAX_PAGE_SIZE).contains(n)).ok_or_else(
-                        || {
-                            Problem::bad_request(format!(
-                                "limit must be a whole number from 1 to {}",
-                                CallQuery::MAX_PAGE_SIZE
-                            ))
-                        },
-                    )?;
-            }
-            "cursor" => {
-                q.after = Some(value.parse::<Cursor>().map_err(|e| Problem::bad_request(e.to_string()))?);
-            }
-            other => {
-                return Err(Problem::bad_request(format!(
-                    "unknown query parameter {other:?}; known: status, from, to, phone_number, limit, cursor"
-                )))
-            }
-        }
-    }
-    Ok(q)
+/// One call.
+#[utoipa::path(get, path = "/api/v1/calls/{call_id}", tag = "calls", operation_id = "getCall",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("call_id" = String, Path, format = "uuid", description = "The call's id")),
+    responses(
+        (status = 200, description = "The call", body = CallView),
+        (status = 400, response = Problem),
+        (status = 401, response = Problem),
+        (status = 404, response = Problem),
+        (status = 500, response = Problem),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn get_call(state: &AppState, call_id: &str) -> Result<Response<Body>, Problem> {
+    let call_id = parse_call_id(call_id)?;
+    let call = state.manager().get(call_id).await?.ok_or(ivr_core::Error::NotFound(call_id))?;
+    Ok(body::json(StatusCode::OK, &CallView::from(&call)))
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One call (the same as GET /api/v1/calls/{call_id}).
+#[utoipa::path(get, path = "/api/v1/status/{call_id}", tag = "calls", operation_id = "callStatus",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("call_id" = String, Path, format = "uuid", description = "The call's id")),
+    responses(
+        (status = 200, description = "The call", body = CallView),
+        (status = 400, response = Problem),
+        (status = 401, response = Problem),
+        (status = 404, response = Problem),
+        (status = 500, response = Problem),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn call_status(state: &AppState, call_id: &str) -> Result<Response<Body>, Problem> {
+    get_call(state, call_id).await
+}
 
-    #[test]
-    fn list_query() {
-        let q = parse_list_query("status=failed,completed&status=failed&limit=5&phone_number=+15550000001&from=2025-01-01T00:00:00Z&to=2025-01-02T00:00:00+01:00").unwrap();
-        assert_eq!(q.statuses, vec![CallStatus::Failed, CallStatus::Completed]);
-        assert_eq!(q.limit, 5);
-        assert_eq!(q.phone_number.unwrap().as_str(), "+15550000001");
-        assert!(q.created_from.is_some() && q.created_to.is_some());
-        for bad in ["status=lost", "limit=0", "limit=1001", "from=yesterday", "cursor=abc", "phone_number=12a", "x=1"] {
-            let p = parse_list_query(bad).unwrap_err();
-            assert_eq!(p.status, StatusCode::BAD_REQUEST, "{bad}");
-        }
-    }
+/// Cancel a call: hang it up, or stop it before it dials.
+#[utoipa::path(delete, path = "/api/v1/calls/{call_id}", tag = "calls", operation_id = "cancelCall",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("call_id" = String, Path, format = "uuid", description = "The call's id")),
+    responses(
+        (status = 202, description = "Canceling: the call as it is now", body = CallView),
+        (status = 400, response = Problem),
+        (status = 401, response = Problem),
+        (status = 404, response = Problem),
+        (status = 409, response = Problem),
+        (status = 500, response = Problem),
+        (status = 502, response = Problem),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn cancel_call(state: &AppState, call_id: &str) -> Result<Response<Body>, Problem> {
+    let call = state.manager().cancel(parse_call_id(call_id)?).await?;
+    Ok(body::json(StatusCode::ACCEPTED, &CallView::from(&call)))
+}
+
+/// Follow a call: Server-Sent Events until it ends.
+///
+/// The first event is the call as it is; then one event per change; the stream ends after
+/// the call's last state. Each event is `event: status`, `id: <history length>` and
+/// `data: <the call as JSON, the Call schema>`; a `: keep-alive` comment comes every 15 s
+/// of quiet.
+#[utoipa::path(get, path = "/api/v1/calls/{call_id}/events", tag = "calls", operation_id = "callEvents",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("call_id" = String, Path, format = "uuid", description = "The call's id")),
+    responses(
+        (status = 200, description = "A stream of `status` events, each a Call", body = crate::sse::EventSchema,
+            content_type = "text/event-stream"),
+        (status = 400, response = Problem),
+        (status = 401, response = Problem),
+        (status = 404, response = Problem),
+        (status = 500, response = Problem),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn call_events(state: &AppState, call_id: &str) -> Result<Response<Body>, Problem> {
+    let updates = state.manager().watch(parse_call_id(call_id)?).await?;
+    Ok(sse::response(updates, state.closing()))
 }

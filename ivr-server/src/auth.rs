@@ -58,9 +58,11 @@ struct IncomingClaims {
 }
 
 /// A minted token.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[schema(as = Token)]
 pub struct AccessToken {
     pub access_token: String,
+    #[schema(value_type = String, pattern = "^bearer$")]
     pub token_type: &'static str,
     /// Seconds until it expires.
     pub expires_in: u64,

@@ -5,12 +5,15 @@
 //! completes, so tests run exactly what the binary runs, on port 0.
 //!
 //! - [`router`]: the route table and the one `match` that resolves it.
-//! - [`api`]: the handlers; every failure becomes a [`problem::Problem`] (RFC 9457).
+//! - [`api`]: the handlers, each with its OpenAPI operation; every failure becomes a
+//!   [`problem::Problem`] (RFC 9457).
+//! - [`request`], [`fields`], [`view`]: what the API reads and writes; each type parses (or
+//!   shows) and documents itself.
 //! - [`auth`], [`users`]: access tokens (HS256) and the users table.
 //! - [`throttle`], [`client`], [`policy`]: login throttling, who the client is, which numbers
 //!   may be dialled (SECURITY.md states these promises).
-//! - [`sse`], [`openapi`], [`metrics`]: the event stream, the API document and page, the
-//!   Prometheus registry.
+//! - [`sse`], [`openapi`], [`metrics`]: the event stream, the generated API document and the
+//!   Swagger UI page, the Prometheus registry.
 //! - [`server`], [`conn`]: the accept loop with its bounds, and one connection's IO.
 //! - [`retention`]: ended calls deleted after CALL_RETENTION_DAYS, and `purge --before`.
 //! - [`settings`], [`cli`], [`logging`], [`app`]: configuration, subcommands, logs, assembly.
@@ -29,11 +32,13 @@ pub mod body;
 pub mod cli;
 pub mod client;
 pub mod conn;
+pub mod fields;
 pub mod logging;
 pub mod metrics;
 pub mod openapi;
 pub mod policy;
 pub mod problem;
+pub mod request;
 pub mod retention;
 pub mod router;
 pub mod server;
@@ -61,6 +66,8 @@ struct Inner {
     throttle: throttle::LoginThrottle,
     options: Options,
     closing: watch::Sender<bool>,
+    /// The OpenAPI document, for this server's settings.
+    openapi: hyper::body::Bytes,
 }
 
 /// Switches and bounds of the HTTP layer.
@@ -108,7 +115,19 @@ impl AppState {
         let guard_metrics = metrics::GuardMetrics::register(&registry)?;
         let throttle = throttle::LoginThrottle::new(options.login.clone(), guard_metrics.login_throttled.clone());
         let (closing, _) = watch::channel(false);
-        let inner = Inner { manager, users, tokens, registry, http_metrics, guard_metrics, throttle, options, closing };
+        let openapi = openapi::document_json(manager.settings().max_attempts).into();
+        let inner = Inner {
+            manager,
+            users,
+            tokens,
+            registry,
+            http_metrics,
+            guard_metrics,
+            throttle,
+            options,
+            closing,
+            openapi,
+        };
         Ok(AppState { inner: Arc::new(inner) })
     }
 
@@ -130,6 +149,11 @@ impl AppState {
 
     pub fn options(&self) -> &Options {
         &self.inner.options
+    }
+
+    /// The OpenAPI document served at `/openapi.json`.
+    pub fn openapi_json(&self) -> hyper::body::Bytes {
+        self.inner.openapi.clone()
     }
 
     pub(crate) fn http_metrics(&self) -> &metrics::HttpMetrics {

@@ -7,7 +7,10 @@
 
 use hyper::header::{HeaderValue, ALLOW, CONTENT_TYPE, RETRY_AFTER, WWW_AUTHENTICATE};
 use hyper::{Response, StatusCode};
+use serde::Serialize;
 use serde_json::{json, Map, Value};
+use utoipa::openapi::{ContentBuilder, Ref, RefOr, ResponseBuilder};
+use utoipa::{ToResponse, ToSchema};
 
 use crate::body::{full, Body};
 
@@ -42,6 +45,51 @@ pub const KINDS: &[(&str, &str, u16, &str)] = &[
 const OUTAGES: &[&str] = &["store-unavailable", "not-ready"];
 /// `Retry-After` of an outage's answer, in seconds.
 const OUTAGE_RETRY_AFTER: &str = "2";
+
+// The OpenAPI document's schema of a problem: the standard members and the extension members
+// some problems add (the `problem_members_are_documented` test keeps this list true).
+/// The body of every error answer (RFC 9457).
+#[derive(Serialize, ToSchema)]
+#[schema(as = Problem, example = json!({
+    "type": "/docs#problem-invalid-phone-number",
+    "title": "Invalid phone number",
+    "status": 400,
+    "detail": "phone_number must be a phone number: an optional '+' and 3 to 15 digits",
+}))]
+pub struct ProblemSchema {
+    /// `/docs#problem-<kind>`: the kind, described on the docs page.
+    #[serde(rename = "type")]
+    #[schema(format = "uri-reference")]
+    pub kind: String,
+    pub title: String,
+    pub status: u16,
+    /// What was wrong, for a person.
+    pub detail: String,
+    /// The call concerned (e.g. the call Asterisk refused, on a 502).
+    #[schema(format = "uuid", nullable = false)]
+    pub call_id: Option<String>,
+    /// The OAuth2 error code, on the token route (RFC 6749 §5.2).
+    #[schema(nullable = false)]
+    pub error: Option<String>,
+    /// `ok` or `unavailable`, on `/readyz`.
+    #[schema(nullable = false)]
+    pub store: Option<String>,
+    /// `connected` or `disconnected`, on `/readyz`.
+    #[schema(nullable = false)]
+    pub ari: Option<String>,
+}
+
+/// The problem answer, a reusable response of the document.
+impl<'r> ToResponse<'r> for Problem {
+    fn response() -> (&'r str, RefOr<utoipa::openapi::Response>) {
+        let content = ContentBuilder::new().schema(Some(Ref::from_schema_name("Problem"))).build();
+        let response = ResponseBuilder::new()
+            .description("An RFC 9457 problem; its `type` links to the kind's description on /docs")
+            .content("application/problem+json", content)
+            .build();
+        ("Problem", response.into())
+    }
+}
 
 /// An error answer under construction.
 #[derive(Debug, Clone)]
@@ -201,6 +249,26 @@ mod tests {
         assert_eq!(slugs.len(), KINDS.len());
         for (slug, _, status, _) in KINDS {
             assert_eq!(Problem::new(slug, "x").status.as_u16(), *status);
+        }
+    }
+
+    #[test]
+    fn problem_members_are_documented() {
+        use utoipa::PartialSchema;
+        let schema = serde_json::to_value(ProblemSchema::schema()).unwrap();
+        let documented = schema["properties"].as_object().unwrap();
+        let problems = [
+            Problem::from(ivr_core::Error::NotCancelable {
+                call_id: ivr_core::CallId::new(),
+                status: ivr_core::CallStatus::Completed,
+            }),
+            Problem::bad_request("x").with("error", "invalid_request"),
+            Problem::new("not-ready", "x").with("store", "ok").with("ari", "connected"),
+        ];
+        for problem in problems {
+            for key in problem.extra.keys() {
+                assert!(documented.contains_key(key), "{key} is not in the Problem schema");
+            }
         }
     }
 

@@ -5,7 +5,8 @@
 //! | GET | `/healthz` | – | the process is up |
 //! | GET | `/readyz` | – | the store answers and the ARI event WebSocket is connected (else 503) |
 //! | GET | `/metrics` | – | Prometheus metrics; 404 unless METRICS_ENABLED=true |
-//! | GET | `/docs` | – | an HTML page listing the API; 404 when DOCS_ENABLED=false |
+//! | GET | `/docs` | – | the API as an interactive page (Swagger UI); 404 when DOCS_ENABLED=false |
+//! | GET | `/docs/{file}` | – | the page's script and stylesheet, embedded; 404 when DOCS_ENABLED=false |
 //! | GET | `/openapi.json` | – | the OpenAPI 3.1 document; 404 when DOCS_ENABLED=false |
 //! | POST | `/api/v1/token` | – | OAuth2 password grant (form): `{access_token, token_type, expires_in}` |
 //! | POST | `/api/v1/interaction/{number}` | Bearer | place a call to `number`; optional JSON body of options |
@@ -17,7 +18,9 @@
 //! | GET | `/api/v1/status/{call_id}` | Bearer | one call (same as `/api/v1/calls/{call_id}`) |
 //!
 //! An unknown path is 404; a known path with another method is 405 with `Allow`. [`ROUTES`] is
-//! this table as data (the OpenAPI document is checked against it).
+//! this table as data: tests check that the `match` answers each entry with a route of that
+//! template (and that every route's template is listed), and that the OpenAPI document's
+//! operations are exactly these.
 
 use hyper::Method;
 
@@ -27,6 +30,7 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/readyz"),
     (Method::GET, "/metrics"),
     (Method::GET, "/docs"),
+    (Method::GET, "/docs/{file}"),
     (Method::GET, "/openapi.json"),
     (Method::POST, "/api/v1/token"),
     (Method::POST, "/api/v1/interaction/{number}"),
@@ -48,6 +52,7 @@ pub enum Route {
     Readyz,
     Metrics,
     Docs,
+    DocsFile { file: String },
     OpenApi,
     Token,
     Interaction { number: String },
@@ -67,6 +72,7 @@ impl Route {
             Route::Readyz => "/readyz",
             Route::Metrics => "/metrics",
             Route::Docs => "/docs",
+            Route::DocsFile { .. } => "/docs/{file}",
             Route::OpenApi => "/openapi.json",
             Route::Token => "/api/v1/token",
             Route::Interaction { .. } => "/api/v1/interaction/{number}",
@@ -112,6 +118,7 @@ fn match_route(method: &Method, segments: &[&str]) -> Option<Route> {
         (Method::GET, ["readyz"]) => Route::Readyz,
         (Method::GET, ["metrics"]) => Route::Metrics,
         (Method::GET, ["docs"]) => Route::Docs,
+        (Method::GET, ["docs", file]) => Route::DocsFile { file: id(file) },
         (Method::GET, ["openapi.json"]) => Route::OpenApi,
         (Method::POST, ["api", "v1", "token"]) => Route::Token,
         (Method::POST, ["api", "v1", "interaction", number]) => Route::Interaction { number: id(number) },
@@ -155,7 +162,10 @@ mod tests {
 
     /// A concrete path for a template.
     pub fn sample(template: &str) -> String {
-        template.replace("{number}", "+15550000001").replace("{call_id}", "7d8e0f4c-61a6-4a51-9f4e-2b1ac3e0c9d1")
+        template
+            .replace("{number}", "+15550000001")
+            .replace("{call_id}", "7d8e0f4c-61a6-4a51-9f4e-2b1ac3e0c9d1")
+            .replace("{file}", "docs.js")
     }
 
     #[test]
@@ -163,6 +173,54 @@ mod tests {
         for (method, template) in ROUTES {
             let route = route(method, &sample(template)).unwrap_or_else(|e| panic!("{method} {template}: {e:?}"));
             assert_eq!(route.template(), *template);
+        }
+    }
+
+    #[test]
+    fn every_route_is_listed() {
+        let id = || "x".to_owned();
+        let mut templates = std::collections::BTreeSet::new();
+        // Exhaustive: a new route does not compile until it is named here, and then must be
+        // in ROUTES.
+        let all = [
+            Route::Healthz,
+            Route::Readyz,
+            Route::Metrics,
+            Route::Docs,
+            Route::DocsFile { file: id() },
+            Route::OpenApi,
+            Route::Token,
+            Route::Interaction { number: id() },
+            Route::CreateCall,
+            Route::ListCalls,
+            Route::GetCall { call_id: id() },
+            Route::CancelCall { call_id: id() },
+            Route::CallEvents { call_id: id() },
+            Route::Status { call_id: id() },
+        ];
+        for route in all {
+            match route {
+                Route::Healthz
+                | Route::Readyz
+                | Route::Metrics
+                | Route::Docs
+                | Route::DocsFile { .. }
+                | Route::OpenApi
+                | Route::Token
+                | Route::Interaction { .. }
+                | Route::CreateCall
+                | Route::ListCalls
+                | Route::GetCall { .. }
+                | Route::CancelCall { .. }
+                | Route::CallEvents { .. }
+                | Route::Status { .. } => {}
+            }
+            assert!(ROUTES.iter().any(|(_, t)| *t == route.template()), "{route:?} is not in ROUTES");
+            templates.insert(route.template());
+        }
+        for (method, template) in ROUTES {
+            assert!(templates.contains(template), "{method} {template} is no route's template");
+            assert_eq!(ROUTES.iter().filter(|(m, t)| m == method && t == template).count(), 1, "{method} {template}");
         }
     }
 

@@ -148,12 +148,16 @@ impl Settings {
             return Err(r.error("ARI_HTTP_URL", "must not hold credentials; use ARI_USERNAME and ARI_PASSWORD"));
         }
         let ari_password = r.string("ARI_PASSWORD")?.ok_or_else(|| r.error("ARI_PASSWORD", "is required"))?;
-        let ari = AriConfig::new(
+        let mut ari = AriConfig::new(
             ari_url,
             r.string("ARI_USERNAME")?.unwrap_or_else(|| "ivr".into()),
             ari_password,
             r.string("ARI_APP")?.unwrap_or_else(|| "ivr".into()),
         );
+        // At least one REST connection beside the event WebSocket.
+        if let Some(n) = r.number("ARI_MAX_CONNECTIONS", 2, 10_000)? {
+            ari.max_connections = n as usize;
+        }
         let endpoint_template = r.string("ARI_ENDPOINT_TEMPLATE")?.unwrap_or(defaults.endpoint_template.clone());
         if !endpoint_template.contains("{number}") {
             return Err(r.error("ARI_ENDPOINT_TEMPLATE", "must contain {number}"));
@@ -337,6 +341,9 @@ mod tests {
         assert_eq!((s.manager.max_calls_per_second, s.manager.max_queued_calls), (10, 1000));
         let unpaced = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("MAX_CALLS_PER_SECOND", "0")]).unwrap();
         assert_eq!(unpaced.manager.max_calls_per_second, 0, "0 lifts the limit");
+        assert_eq!(s.ari.max_connections, 20);
+        let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("ARI_MAX_CONNECTIONS", "50")]).unwrap();
+        assert_eq!(s.ari.max_connections, 50);
     }
 
     #[test]
@@ -395,6 +402,7 @@ mod tests {
             ("LOGIN_ADDRESS_FAILURES", "0"),
             ("LOGIN_USER_FORGIVE_SECONDS", "x"),
             ("LOGIN_SLOWDOWN_MS", "60001"),
+            ("ARI_MAX_CONNECTIONS", "1"),
             ("CALL_RETENTION_DAYS", "0"),
             ("CALL_RETENTION_DAYS", "ninety"),
         ] {

@@ -13,6 +13,7 @@ use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::Response;
 use ivr_core::{Call, CallUpdates};
 use tokio::sync::watch;
+use utoipa::ToSchema;
 
 use crate::body::Body;
 use crate::view::CallView;
@@ -22,6 +23,22 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
 struct State {
     updates: CallUpdates,
     closing: watch::Receiver<bool>,
+}
+
+// The OpenAPI document's schema of the stream's items; `event` below writes them.
+/// One event of the stream, as an SSE client reads it.
+#[derive(ToSchema)]
+#[schema(as = CallEvent)]
+pub struct EventSchema {
+    /// Always `status`.
+    #[schema(pattern = "^status$")]
+    pub event: String,
+    /// The number of statuses the call has been through (its history's length).
+    #[schema(pattern = "^[0-9]+$")]
+    pub id: String,
+    /// The call, as JSON (the Call schema).
+    #[schema(content_media_type = "application/json")]
+    pub data: String,
 }
 
 /// The `text/event-stream` answer for a call's updates.

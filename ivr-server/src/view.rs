@@ -1,15 +1,44 @@
 //! The JSON shapes of calls, one per use, shared by every route.
 
+use std::borrow::Cow;
+
 use ivr_core::{Call, CallPage, CallStatus, FailureReason, TransitionRecord};
 use serde::Serialize;
 use time::OffsetDateTime;
+use utoipa::openapi::schema::{ObjectBuilder, Schema, Type};
+use utoipa::openapi::RefOr;
+use utoipa::{PartialSchema, ToSchema};
+
+/// `GET /healthz`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = Health)]
+pub struct HealthView {
+    #[schema(value_type = String, pattern = "^ok$")]
+    pub status: &'static str,
+}
+
+/// `GET /readyz` when ready (when not, a `not-ready` problem with the same `store` and `ari`).
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = Ready)]
+pub struct ReadyView {
+    #[schema(value_type = String, pattern = "^ready$")]
+    pub status: &'static str,
+    #[schema(value_type = String, pattern = "^ok$")]
+    pub store: &'static str,
+    #[schema(value_type = String, pattern = "^connected$")]
+    pub ari: &'static str,
+}
 
 /// A call as every route shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = Call)]
 pub struct CallView {
+    #[schema(format = "uuid")]
     pub call_id: String,
     pub phone_number: String,
+    #[schema(value_type = StatusSchema)]
     pub status: CallStatus,
+    /// The ARI channel name, once Asterisk gave one.
     pub channel: Option<String>,
     pub context: String,
     pub extension: String,
@@ -19,17 +48,23 @@ pub struct CallView {
     pub timeout: u32,
     pub audio: Option<String>,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub dialed_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub ringing_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub answered_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
     pub ended_at: Option<OffsetDateTime>,
     /// Seconds from answer to end; null unless answered and ended.
     pub duration: Option<f64>,
+    #[schema(value_type = Option<ReasonSchema>)]
     pub failure_reason: Option<FailureReason>,
     /// The Q.850 cause Asterisk reported at hang-up.
     pub hangup_cause: Option<u16>,
@@ -39,7 +74,7 @@ pub struct CallView {
     pub is_active: bool,
     pub is_completed: bool,
     /// Every status the call went through, oldest first.
-    pub history: Vec<TransitionRecord>,
+    pub history: Vec<TransitionView>,
 }
 
 impl From<&Call> for CallView {
@@ -68,21 +103,84 @@ impl From<&Call> for CallView {
             max_attempts: call.spec.max_attempts,
             is_active: call.is_active(),
             is_completed: call.is_completed(),
-            history: call.history.clone(),
+            history: call.history.iter().map(TransitionView::from).collect(),
         }
     }
 }
 
+/// One entry of a call's history: the status it reached, when, and what caused it.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = Transition)]
+pub struct TransitionView {
+    #[schema(value_type = StatusSchema)]
+    pub status: CallStatus,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub at: OffsetDateTime,
+    pub attempt: u32,
+    #[schema(value_type = Option<ReasonSchema>)]
+    pub failure_reason: Option<FailureReason>,
+    pub cause: String,
+}
+
+impl From<&TransitionRecord> for TransitionView {
+    fn from(t: &TransitionRecord) -> Self {
+        TransitionView {
+            status: t.status,
+            at: t.at,
+            attempt: t.attempt,
+            failure_reason: t.failure_reason,
+            cause: t.cause.clone(),
+        }
+    }
+}
+
+/// The schema of [`CallStatus`]: its names, from [`CallStatus::ALL`].
+pub struct StatusSchema;
+
+impl PartialSchema for StatusSchema {
+    fn schema() -> RefOr<Schema> {
+        let names = CallStatus::ALL.map(|s| s.as_str());
+        ObjectBuilder::new().schema_type(Type::String).enum_values(Some(names)).into()
+    }
+}
+
+impl ToSchema for StatusSchema {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("CallStatus")
+    }
+}
+
+/// The schema of [`FailureReason`]: its names, from [`FailureReason::ALL`].
+pub struct ReasonSchema;
+
+impl PartialSchema for ReasonSchema {
+    fn schema() -> RefOr<Schema> {
+        let names = FailureReason::ALL.map(|r| r.as_str());
+        ObjectBuilder::new().schema_type(Type::String).enum_values(Some(names)).into()
+    }
+}
+
+impl ToSchema for ReasonSchema {
+    fn name() -> Cow<'static, str> {
+        Cow::Borrowed("FailureReason")
+    }
+}
+
 /// The answer to a call creation.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = CreatedCall)]
 pub struct CreatedView {
     pub success: bool,
+    #[schema(format = "uuid")]
     pub call_id: String,
     pub phone_number: String,
     pub message: String,
     pub channel: Option<String>,
+    #[schema(value_type = StatusSchema)]
     pub status: CallStatus,
     #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
     pub created_at: OffsetDateTime,
 }
 
@@ -104,7 +202,8 @@ impl From<&Call> for CreatedView {
 }
 
 /// One page of calls.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = CallList)]
 pub struct ListView {
     pub calls: Vec<CallView>,
     /// Pass as `cursor` for the next page; null on the last one.

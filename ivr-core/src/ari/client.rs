@@ -1,16 +1,30 @@
-//! ARI's REST side: one pooled HTTP client, basic auth in a header, a timeout on every call,
-//! and errors that keep ARI's status and message.
+//! ARI's REST side: HTTP/1.1 over a pool of at most `max_connections - 1` connections
+//! (`pool.rs`), basic auth in a header, a timeout on every call, and errors that keep ARI's status and message and tell
+//! "Asterisk said no" from "the connection failed".
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use reqwest::{Method, StatusCode};
+use base64::Engine as _;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, StatusCode};
 use serde::de::DeserializeOwned;
+use url::{Position, Url};
 
 use super::model::{Application, AsteriskInfo, Channel, OriginateRequest, OriginateTarget, Playback};
+use super::pool::Pool;
 use super::AriConfig;
 
 /// A failed ARI call.
+///
+/// Two families matter to a caller deciding what happened: **Asterisk said no** (an HTTP
+/// status: [`status`](AriError::status) is `Some`, and the request was not carried out) and
+/// **the connection failed before an answer** ([`is_connection_failure`](AriError::is_connection_failure):
+/// refused, reset, closed before the response, timed out, or no free connection). After a
+/// connection failure the request may or may not have been carried out; see
+/// [`AriClient::originate`] for how to retry an originate safely.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AriError {
@@ -26,12 +40,23 @@ pub enum AriError {
     /// Any other error status: 400 "Invalid endpoint specified", 500 "Allocation failed", …
     #[error("ARI answered {status}: {message}")]
     Status { status: u16, message: String },
-    /// No answer within the configured time.
+    /// No answer within the request timeout. The request may have reached Asterisk and been
+    /// carried out.
     #[error("ARI did not answer within {0:?}")]
     Timeout(Duration),
-    /// The connection could not be made or broke.
-    #[error("cannot reach ARI: {0}")]
+    /// No TCP connection could be made (refused, unreachable, connect timeout): the request
+    /// never reached Asterisk.
+    #[error("cannot connect to ARI: {0}")]
+    Connect(String),
+    /// The connection broke after it was made: reset, or closed before the response (what
+    /// Asterisk does to a connection beyond its `sessionlimit`). The request may or may not
+    /// have been carried out.
+    #[error("the connection to ARI failed before an answer: {0}")]
     Transport(String),
+    /// All `limit` REST connections stayed busy for the whole request timeout: the request
+    /// was never sent.
+    #[error("no free ARI connection within {waited:?} (all {limit} in use)")]
+    NoFreeConnection { limit: usize, waited: Duration },
     /// A 2xx answer whose body was not what ARI sends.
     #[error("unexpected answer from ARI: {0}")]
     Decode(String),
@@ -41,7 +66,7 @@ pub enum AriError {
 }
 
 impl AriError {
-    /// The HTTP status ARI answered with, if it answered.
+    /// The HTTP status ARI answered with, if it answered: Asterisk said no.
     pub fn status(&self) -> Option<u16> {
         match self {
             AriError::Unauthorized => Some(401),
@@ -50,6 +75,16 @@ impl AriError {
             AriError::Status { status, .. } => Some(*status),
             _ => None,
         }
+    }
+
+    /// Whether the request failed for want of a working connection, before any answer from
+    /// Asterisk: refused, reset, closed before the response, timed out, no free connection.
+    /// Such a request is worth retrying; one Asterisk answered with a status is not.
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(
+            self,
+            AriError::Timeout(_) | AriError::Connect(_) | AriError::Transport(_) | AriError::NoFreeConnection { .. }
+        )
     }
 
     /// A short, fixed label for metrics (no ids, no numbers).
@@ -61,25 +96,11 @@ impl AriError {
             AriError::Status { status, .. } if *status >= 500 => "server_error",
             AriError::Status { .. } => "bad_request",
             AriError::Timeout(_) => "timeout",
+            AriError::Connect(_) => "connect",
             AriError::Transport(_) => "transport",
+            AriError::NoFreeConnection { .. } => "no_free_connection",
             AriError::Decode(_) => "decode",
             AriError::Config(_) => "config",
-        }
-    }
-
-    fn from_reqwest(e: reqwest::Error, timeout: Duration) -> Self {
-        if e.is_timeout() {
-            AriError::Timeout(timeout)
-        } else {
-            // reqwest's message names the URL; ours never carries credentials, so it is safe
-            // to show. The source chain says why (refused, reset, …).
-            let mut text = e.to_string();
-            let mut source = std::error::Error::source(&e);
-            while let Some(cause) = source {
-                text = format!("{text}: {cause}");
-                source = cause.source();
-            }
-            AriError::Transport(text)
         }
     }
 }
@@ -92,21 +113,38 @@ pub struct AriClient {
 
 #[derive(Debug)]
 struct Inner {
-    http: reqwest::Client,
+    /// `max_connections - 1` connections; the event WebSocket is the other one.
+    pool: Pool,
     config: AriConfig,
-    base: reqwest::Url,
+    base: Url,
+    /// `host:port`, for the `Host` header.
+    host: String,
+    /// `Basic …`, marked sensitive so it is never logged.
+    authorization: HeaderValue,
 }
 
 impl AriClient {
+    /// A client that keeps at most `config.max_connections - 1` connections to ARI open (the
+    /// event WebSocket is the last one); a request waits for a free one within its
+    /// `request_timeout`.
     pub fn new(config: AriConfig) -> Result<Self, AriError> {
         let base = config.base_url()?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.request_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|e| AriError::Config(e.to_string()))?;
-        Ok(AriClient { inner: Arc::new(Inner { http, config, base }) })
+        if config.max_connections < 2 {
+            return Err(AriError::Config(format!(
+                "max_connections must be at least 2 (one is the event WebSocket), not {}",
+                config.max_connections
+            )));
+        }
+        let host = base.host_str().ok_or_else(|| AriError::Config("the ARI URL has no host".into()))?;
+        let port = base.port_or_known_default().unwrap_or(80);
+        let host = if host.contains(':') { format!("[{host}]:{port}") } else { format!("{host}:{port}") };
+        let pool = Pool::new(host.clone(), config.max_connections - 1, config.connect_timeout);
+        let credentials =
+            base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", config.username, config.password));
+        let mut authorization = HeaderValue::from_str(&format!("Basic {credentials}"))
+            .map_err(|_| AriError::Config("the ARI username or password cannot go in a header".into()))?;
+        authorization.set_sensitive(true);
+        Ok(AriClient { inner: Arc::new(Inner { pool, config, base, host, authorization }) })
     }
 
     pub fn config(&self) -> &AriConfig {
@@ -114,6 +152,12 @@ impl AriClient {
     }
 
     /// `POST /channels`: dial `endpoint` as a channel with the caller's id.
+    ///
+    /// After a [connection failure](AriError::is_connection_failure) nobody knows whether the
+    /// channel was placed. Retry with the **same** `channel_id`: Asterisk refuses a second
+    /// channel with a unique id in use, so the retry either places the call once or answers
+    /// 409 ([`AriError::Conflict`]), which means the first try placed it (its events are
+    /// already on the way). Only a status answer to the first try means Asterisk said no.
     pub async fn originate(&self, request: &OriginateRequest) -> Result<Channel, AriError> {
         let mut query: Vec<(&str, String)> =
             vec![("endpoint", request.endpoint.clone()), ("channelId", request.channel_id.clone())];
@@ -213,19 +257,29 @@ impl AriClient {
         let inner = &self.inner;
         let mut url = inner.base.clone();
         url.path_segments_mut().map_err(|_| AriError::Config("base URL cannot hold a path".into()))?.extend(path);
-        tracing::debug!(%method, path = url.path(), "ARI request");
-        let mut request = inner
-            .http
-            .request(method, url)
-            .basic_auth(&inner.config.username, Some(&inner.config.password))
-            .query(query);
-        if let Some(body) = body {
-            request = request.json(&body);
+        if !query.is_empty() {
+            url.query_pairs_mut().extend_pairs(query);
         }
-        let timeout = inner.config.request_timeout;
-        let response = request.send().await.map_err(|e| AriError::from_reqwest(e, timeout))?;
-        let status = response.status();
-        let bytes = response.bytes().await.map_err(|e| AriError::from_reqwest(e, timeout))?;
+        tracing::debug!(%method, path = url.path(), "ARI request");
+        let request = Request::builder()
+            .method(method)
+            .uri(&url[Position::BeforePath..])
+            .header(header::HOST, &inner.host)
+            .header(header::AUTHORIZATION, inner.authorization.clone());
+        let request = match body {
+            Some(body) => {
+                request.header(header::CONTENT_TYPE, "application/json").body(Full::new(Bytes::from(body.to_string())))
+            }
+            None => request.body(Full::new(Bytes::new())),
+        }
+        .map_err(|e| AriError::Config(format!("cannot form the request: {e}")))?;
+        // On a task of its own: a caller that gives up (e.g. its HTTP client went away) does not
+        // cut the request off half-way. Asterisk would carry it out anyway, and would count
+        // the abandoned connection as a session until then, while we opened another.
+        let owner = inner.clone();
+        let exchange = tokio::spawn(async move { owner.pool.send(request, owner.config.request_timeout).await });
+        let (status, bytes) =
+            exchange.await.map_err(|e| AriError::Transport(format!("the request's task failed: {e}")))??;
         if status.is_success() {
             return Ok(bytes);
         }

@@ -1,9 +1,10 @@
 //! The Asterisk REST Interface, as ivr uses it.
 //!
 //! - [`AriClient`]: the REST calls the call engine needs (originate, channels, hang-up,
-//!   continue, play, Asterisk info, applications).
+//!   continue, play, Asterisk info, applications), at most `max_connections - 1` at a time.
 //! - [`EventStream`]: the `/ari/events` WebSocket, typed into [`AriEvent`]s, reconnecting by
-//!   itself and telling its user about every connect, disconnect, replacement and dropped event.
+//!   itself and telling its user about every connect, disconnect and replacement. It never
+//!   drops an event; [`StreamStats`] tells how far behind its consumer is.
 //!
 //! Credentials travel only in `Authorization` headers, never in a URL that could be logged.
 
@@ -13,6 +14,7 @@ use std::time::Duration;
 mod client;
 mod events;
 mod model;
+mod pool;
 mod stream;
 
 pub use client::{AriClient, AriError};
@@ -21,7 +23,7 @@ pub use model::{
     Application, AsteriskInfo, AsteriskStatus, CallerId, Channel, ChannelState, DialplanLocation, OriginateRequest,
     OriginateTarget, Playback,
 };
-pub use stream::{EventStream, StreamItem};
+pub use stream::{EventStream, StreamItem, StreamStats};
 
 /// Where ARI is and how to talk to it.
 #[derive(Clone)]
@@ -35,10 +37,14 @@ pub struct AriConfig {
     pub app: String,
     /// Longest wait for a TCP connection (REST and WebSocket).
     pub connect_timeout: Duration,
-    /// Longest wait for a whole REST call.
+    /// Longest wait for a whole REST call, including the wait for a free connection.
     pub request_timeout: Duration,
-    /// Events held for a slow consumer before new ones are dropped (and counted).
-    pub event_buffer: usize,
+    /// HTTP connections to ARI at most, the event WebSocket included: one [`EventStream`]
+    /// and `max_connections - 1` REST requests in flight per [`AriClient`]. Asterisk admits
+    /// `sessionlimit` connections (default 100, `http.conf`) and closes any beyond it without
+    /// an answer, so keep this well under that, leaving room for other ARI users.
+    /// At least 2.
+    pub max_connections: usize,
     /// First reconnect delay; it doubles per failed attempt up to `reconnect_max`.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
@@ -47,6 +53,10 @@ pub struct AriConfig {
 }
 
 impl AriConfig {
+    /// The default of [`max_connections`](AriConfig::max_connections): 19 REST + the WebSocket,
+    /// a fifth of Asterisk's default `sessionlimit`.
+    pub const DEFAULT_MAX_CONNECTIONS: usize = 20;
+
     pub fn new(
         http_url: impl Into<String>,
         username: impl Into<String>,
@@ -60,15 +70,15 @@ impl AriConfig {
             app: app.into(),
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
-            event_buffer: 4096,
+            max_connections: AriConfig::DEFAULT_MAX_CONNECTIONS,
             reconnect_min: Duration::from_millis(250),
             reconnect_max: Duration::from_secs(30),
             ping_interval: Duration::from_secs(20),
         }
     }
 
-    fn base_url(&self) -> Result<reqwest::Url, AriError> {
-        let url = reqwest::Url::parse(&self.http_url)
+    fn base_url(&self) -> Result<url::Url, AriError> {
+        let url = url::Url::parse(&self.http_url)
             .map_err(|e| AriError::Config(format!("the ARI URL does not parse: {e}")))?;
         match url.scheme() {
             "http" if url.username().is_empty() && url.password().is_none() => Ok(url),
@@ -82,7 +92,7 @@ impl AriConfig {
     }
 
     /// `ws://host:port/ari/events?app=<app>`.
-    pub fn events_url(&self) -> Result<reqwest::Url, AriError> {
+    pub fn events_url(&self) -> Result<url::Url, AriError> {
         let mut url = self.base_url()?;
         url.set_scheme("ws").map_err(|()| AriError::Config("cannot derive the WebSocket URL".into()))?;
         url.path_segments_mut()
@@ -103,6 +113,7 @@ impl fmt::Debug for AriConfig {
             .field("app", &self.app)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("max_connections", &self.max_connections)
             .finish_non_exhaustive()
     }
 }

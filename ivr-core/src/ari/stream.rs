@@ -1,10 +1,15 @@
-//! The `/ari/events` WebSocket as a stream that never silently loses anything.
+//! The `/ari/events` WebSocket as a stream that never loses an event.
 //!
 //! A background task owns the socket. It reconnects by itself (exponential backoff with
 //! jitter) and reports every connect, disconnect and replacement as a [`StreamItem`], so the
-//! call engine knows when it must reconcile. Events go through a bounded buffer: when the
-//! consumer falls behind, new events are dropped and the next item it reads says how many.
+//! call engine knows when it must reconcile. The task reads the socket as fast as Asterisk
+//! writes (Asterisk closes a socket whose reader stalls past `websocket_write_timeout`) and
+//! hands every event on through an unbounded queue: a slow consumer delays events, never
+//! loses them. What bounds that queue is admission (the calls a process takes on), not
+//! discarding. [`StreamStats`] tells the queue's depth and the consumer's lag.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
@@ -45,16 +50,13 @@ pub enum StreamItem {
         retry_in: Duration,
     },
     Event(AriEvent),
-    /// `count` events were dropped here because the consumer fell behind.
-    Dropped {
-        count: u64,
-    },
 }
 
 /// The ARI event stream. Dropping it closes the WebSocket.
 #[derive(Debug)]
 pub struct EventStream {
-    items: mpsc::Receiver<StreamItem>,
+    items: mpsc::UnboundedReceiver<(Instant, StreamItem)>,
+    stats: StreamStats,
     task: JoinHandle<()>,
 }
 
@@ -62,14 +64,85 @@ impl EventStream {
     /// Starts connecting in the background; the first item says how that went.
     pub fn connect(config: AriConfig) -> Result<EventStream, AriError> {
         let url = config.events_url()?;
-        let (tx, items) = mpsc::channel(config.event_buffer.max(1));
-        let task = tokio::spawn(run(config, url, tx));
-        Ok(EventStream { items, task })
+        let (tx, items) = mpsc::unbounded_channel();
+        let stats = StreamStats::default();
+        let sender = Sender { tx, stats: stats.clone() };
+        let task = tokio::spawn(run(config, url, sender));
+        Ok(EventStream { items, stats, task })
     }
 
     /// The next item; `None` once the stream has stopped.
     pub async fn next(&mut self) -> Option<StreamItem> {
-        self.items.recv().await
+        let (read_at, item) = self.items.recv().await?;
+        let shared = &self.stats.shared;
+        shared.queued.fetch_sub(1, Ordering::Relaxed);
+        shared.consumed.fetch_add(1, Ordering::Relaxed);
+        let lag = u64::try_from(read_at.elapsed().as_micros()).unwrap_or(u64::MAX);
+        shared.lag_micros.store(lag, Ordering::Relaxed);
+        Some(item)
+    }
+
+    /// A handle on the queue's figures, for metrics; it stays valid after the stream is gone.
+    pub fn stats(&self) -> StreamStats {
+        self.stats.clone()
+    }
+}
+
+/// The event queue between the socket reader and the consumer, in figures. Cheap to clone
+/// (an `Arc` over atomics); every clone reads the same stream.
+#[derive(Clone, Debug, Default)]
+pub struct StreamStats {
+    shared: Arc<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    /// Items read from the socket (or made by the reader) and not yet taken by the consumer.
+    queued: AtomicU64,
+    /// Items the consumer has taken.
+    consumed: AtomicU64,
+    /// Between the read and the take of the item taken last, in microseconds.
+    lag_micros: AtomicU64,
+}
+
+impl StreamStats {
+    /// Items (events, mostly) read but not yet consumed: the consumer's backlog.
+    pub fn queue_depth(&self) -> u64 {
+        self.shared.queued.load(Ordering::Relaxed)
+    }
+
+    /// How long the item consumed last waited in the queue, from its read off the socket to
+    /// its take by the consumer. Zero while the consumer keeps up; it grows as it falls behind.
+    pub fn consumer_lag(&self) -> Duration {
+        Duration::from_micros(self.shared.lag_micros.load(Ordering::Relaxed))
+    }
+
+    /// Items the consumer has taken since the stream was made.
+    pub fn consumed(&self) -> u64 {
+        self.shared.consumed.load(Ordering::Relaxed)
+    }
+}
+
+/// The reader's end of the queue: stamps each item with its read time and counts it.
+struct Sender {
+    tx: mpsc::UnboundedSender<(Instant, StreamItem)>,
+    stats: StreamStats,
+}
+
+impl Sender {
+    /// Queues `item`; `false` when the consumer is gone.
+    fn send(&self, item: StreamItem) -> bool {
+        // Counted before the send, so the consumer's decrement can never come first.
+        self.stats.shared.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.send((Instant::now(), item)).is_ok() {
+            return true;
+        }
+        self.stats.shared.queued.fetch_sub(1, Ordering::Relaxed);
+        false
+    }
+
+    async fn closed(&self) {
+        self.tx.closed().await
     }
 }
 
@@ -86,7 +159,7 @@ enum Ended {
     ConsumerGone,
 }
 
-async fn run(config: AriConfig, url: reqwest::Url, tx: mpsc::Sender<StreamItem>) {
+async fn run(config: AriConfig, url: url::Url, tx: Sender) {
     let mut connections = 0u64;
     let mut failures = 0u32;
     loop {
@@ -95,16 +168,10 @@ async fn run(config: AriConfig, url: reqwest::Url, tx: mpsc::Sender<StreamItem>)
                 connections += 1;
                 failures = 0;
                 tracing::info!(connection = connections, app = %config.app, "ARI event stream connected");
-                if tx.send(StreamItem::Connected { connection: connections }).await.is_err() {
+                if !tx.send(StreamItem::Connected { connection: connections }) {
                     return;
                 }
-                let mut dropped = 0;
-                let ended = pump(socket, &config, &tx, &mut dropped).await;
-                // Whatever was lost on this connection is said before the connection's end.
-                if dropped > 0 && tx.send(StreamItem::Dropped { count: dropped }).await.is_err() {
-                    return;
-                }
-                match ended {
+                match pump(socket, &config, &tx).await {
                     Ended::ConsumerGone => return,
                     Ended::Replaced => {
                         tracing::warn!(app = %config.app, "another WebSocket took over the ARI application");
@@ -124,7 +191,7 @@ async fn run(config: AriConfig, url: reqwest::Url, tx: mpsc::Sender<StreamItem>)
                 (StreamItem::ConnectFailed { reason, retry_in }, retry_in)
             }
         };
-        if tx.send(item).await.is_err() {
+        if !tx.send(item) {
             return;
         }
         tokio::select! {
@@ -145,7 +212,7 @@ fn backoff(config: &AriConfig, failures: u32) -> Duration {
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-async fn open(config: &AriConfig, url: &reqwest::Url) -> Result<Socket, String> {
+async fn open(config: &AriConfig, url: &url::Url) -> Result<Socket, String> {
     let mut request = url.as_str().into_client_request().map_err(|e| e.to_string())?;
     let credentials =
         base64::engine::general_purpose::STANDARD.encode(format!("{}:{}", config.username, config.password));
@@ -163,9 +230,9 @@ async fn open(config: &AriConfig, url: &reqwest::Url) -> Result<Socket, String> 
     }
 }
 
-/// Reads one connection until it ends, forwarding events and answering keep-alive.
-/// `dropped` counts events lost to a full buffer and not yet reported.
-async fn pump(mut socket: Socket, config: &AriConfig, tx: &mpsc::Sender<StreamItem>, dropped: &mut u64) -> Ended {
+/// Reads one connection until it ends, forwarding every event and answering keep-alive. It
+/// never waits for the consumer, so the socket is read as fast as Asterisk writes.
+async fn pump(mut socket: Socket, config: &AriConfig, tx: &Sender) -> Ended {
     let mut ping = tokio::time::interval(config.ping_interval);
     ping.tick().await; // the first tick is immediate
     let mut last_heard = Instant::now();
@@ -179,12 +246,6 @@ async fn pump(mut socket: Socket, config: &AriConfig, tx: &mpsc::Sender<StreamIt
                 if let Err(e) = socket.send(Message::Ping(Vec::new().into())).await {
                     return Ended::Closed(e.to_string());
                 }
-                continue;
-            }
-            // Report a loss as soon as the consumer makes room, not only with the next event.
-            permit = tx.reserve(), if *dropped > 0 => {
-                let Ok(permit) = permit else { return Ended::ConsumerGone };
-                permit.send(StreamItem::Dropped { count: std::mem::take(dropped) });
                 continue;
             }
             _ = tx.closed() => return Ended::ConsumerGone,
@@ -210,22 +271,8 @@ async fn pump(mut socket: Socket, config: &AriConfig, tx: &mpsc::Sender<StreamIt
             }
         };
         let replaced = matches!(event, AriEvent::ApplicationReplaced { .. });
-        if *dropped > 0 {
-            match tx.try_send(StreamItem::Dropped { count: *dropped }) {
-                Ok(()) => *dropped = 0,
-                Err(mpsc::error::TrySendError::Closed(_)) => return Ended::ConsumerGone,
-                Err(mpsc::error::TrySendError::Full(_)) => {}
-            }
-        }
-        match tx.try_send(StreamItem::Event(event)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Closed(_)) => return Ended::ConsumerGone,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                *dropped += 1;
-                if *dropped == 1 {
-                    tracing::warn!("ARI event consumer is behind; dropping events");
-                }
-            }
+        if !tx.send(StreamItem::Event(event)) {
+            return Ended::ConsumerGone;
         }
         if replaced {
             let _ = socket.close(None).await;

@@ -215,6 +215,16 @@ impl Core {
         }
     }
 
+    /// A `ChannelUserevent` for `app` alone, with no source object (`POST /events/user/{name}`
+    /// with `application` and no `source`). `false` if no socket has registered `app`.
+    pub fn user_event(&mut self, app: &str, name: &str, userevent: Value) -> bool {
+        let Some(tx) = self.apps.get(app).and_then(|a| a.socket).and_then(|sid| self.sockets.get(&sid)) else {
+            return false;
+        };
+        let ev = Event::new("ChannelUserevent", json!({"eventname": name, "userevent": userevent}));
+        tx.send(Outgoing::Text(ev.render(app))).is_ok()
+    }
+
     fn forget_channel(&mut self, id: &str) {
         self.by_channel.remove(id);
         for app in self.apps.values_mut() {

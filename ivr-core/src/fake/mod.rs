@@ -52,6 +52,12 @@
 //!
 //! Other ARI resources (bridges, recordings, `/playbacks`, …) answer 404 `Resource not found`.
 //!
+//! Like Asterisk's HTTP server it admits [`FakeConfig::session_limit`] connections at once (event
+//! sockets included; `sessionlimit`, 100) and closes any beyond them before answering, and it
+//! closes an event socket whose client stops reading for longer than
+//! [`FakeConfig::websocket_write_timeout`]. [`FakeAsterisk::stats`] tells the peak session
+//! count, the refused connections and the requests a reconcile makes.
+//!
 //! # Endpoints and callees
 //!
 //! - `Local/<number>@sim` creates the Local pair of the recordings: the originated channel
@@ -90,6 +96,7 @@ mod plan;
 mod server;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -114,6 +121,14 @@ pub struct FakeConfig {
     /// Multiplies every simulated delay: 1.0 = recorded timings, 0.01 = 100 times faster.
     /// Must be finite and greater than 0.
     pub time_scale: f64,
+    /// HTTP sessions open at once at most, event WebSockets included (`http.conf`
+    /// `sessionlimit`, 100 by default and in the recordings). A connection beyond it is
+    /// accepted and closed before anything is answered, as Asterisk does.
+    pub session_limit: usize,
+    /// How long one event may take to be written to a socket before the socket is closed
+    /// (`ari.conf` `websocket_write_timeout`; 1000 ms in the recordings' configuration): a
+    /// client that stops reading its socket loses it.
+    pub websocket_write_timeout: Duration,
 }
 
 impl Default for FakeConfig {
@@ -124,8 +139,32 @@ impl Default for FakeConfig {
             password: "ivr-secret".into(),
             app: "ivr".into(),
             time_scale: 1.0,
+            session_limit: 100,
+            websocket_write_timeout: Duration::from_millis(1000),
         }
     }
+}
+
+/// What a [`FakeAsterisk`] has seen since it started, for tests and load scripts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FakeStats {
+    /// `POST /channels` and `POST /channels/{id}` with valid credentials, failed ones included.
+    pub originates: usize,
+    /// `GET /channels/{id}` requests (a reconcile's per-call question).
+    pub channel_gets: usize,
+    /// `GET /channels` requests (a reconcile's listing).
+    pub channel_lists: usize,
+    /// HTTP sessions (connections and event WebSockets) open now.
+    pub sessions: usize,
+    /// The most HTTP sessions that were open at once.
+    pub peak_sessions: usize,
+    /// Connections closed unanswered because `session_limit` sessions were open.
+    pub refused_sessions: usize,
+    /// Event sockets closed because a write outlasted `websocket_write_timeout`.
+    pub write_timeouts: usize,
+    /// Events written whole to event sockets, all connections together.
+    pub events_written: usize,
 }
 
 /// A running fake Asterisk. Cheap to clone; every clone controls the same server, which runs
@@ -153,6 +192,25 @@ pub(crate) struct Shared {
     /// Bumped when Asterisk goes down: every open HTTP connection is dropped.
     epoch: watch::Sender<u64>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    sessions: SessionCount,
+    requests: RequestCount,
+}
+
+/// Asterisk's HTTP session count (`session_count` in `http.c`).
+#[derive(Default)]
+struct SessionCount {
+    open: AtomicUsize,
+    peak: AtomicUsize,
+    refused: AtomicUsize,
+}
+
+/// Requests worth counting, outside the state lock.
+#[derive(Default)]
+struct RequestCount {
+    channel_gets: AtomicUsize,
+    channel_lists: AtomicUsize,
+    write_timeouts: AtomicUsize,
+    events_written: AtomicUsize,
 }
 
 impl Shared {
@@ -176,6 +234,9 @@ impl FakeAsterisk {
 
     /// Starts a fake Asterisk listening on `127.0.0.1:config.port`.
     pub async fn start_with(config: FakeConfig) -> std::io::Result<FakeAsterisk> {
+        if config.session_limit == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "session_limit must be at least 1"));
+        }
         if !(config.time_scale.is_finite() && config.time_scale > 0.0) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
@@ -193,6 +254,8 @@ impl FakeAsterisk {
             up: watch::channel(true).0,
             epoch: watch::channel(0).0,
             tasks: Mutex::new(Vec::new()),
+            sessions: SessionCount::default(),
+            requests: RequestCount::default(),
         });
         let timers = tokio::spawn(run_timers(shared.clone()));
         let accept = tokio::spawn(server::serve(shared.clone(), listener));
@@ -304,6 +367,30 @@ impl FakeAsterisk {
     /// credentials, failed ones included.
     pub fn originate_count(&self) -> usize {
         self.shared.state().core.originate_count
+    }
+
+    /// What the fake has seen so far: requests, and its HTTP session count.
+    pub fn stats(&self) -> FakeStats {
+        let shared = &self.shared;
+        FakeStats {
+            originates: shared.state().core.originate_count,
+            channel_gets: shared.requests.channel_gets.load(Ordering::Relaxed),
+            channel_lists: shared.requests.channel_lists.load(Ordering::Relaxed),
+            sessions: shared.sessions.open.load(Ordering::SeqCst),
+            peak_sessions: shared.sessions.peak.load(Ordering::SeqCst),
+            refused_sessions: shared.sessions.refused.load(Ordering::Relaxed),
+            write_timeouts: shared.requests.write_timeouts.load(Ordering::Relaxed),
+            events_written: shared.requests.events_written.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Sends `count` user events to `app`'s socket at once, as `count` calls of ARI's
+    /// `POST /events/user/{name}?application=app` would: `ChannelUserevent`s whose `userevent`
+    /// is `{"seq": "<n>"}`, n = 0, 1, … in order. Returns how many were queued (0 if no
+    /// socket has registered `app`). For tests of event throughput and slow consumers.
+    pub fn send_user_events(&self, app: &str, name: &str, count: usize) -> usize {
+        let mut st = self.shared.state();
+        (0..count).take_while(|n| st.core.user_event(app, name, serde_json::json!({"seq": n.to_string()}))).count()
     }
 
     /// The ids of the channels alive now (originated channels and Local `;2` halves).

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,9 +46,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
         tokio::select! {
             _ = shutdown.changed() => return,
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    tokio::spawn(connection(shared.clone(), stream));
-                }
+                Ok((stream, _)) => match Session::open(&shared) {
+                    Some(session) => {
+                        tokio::spawn(connection(shared.clone(), stream, Arc::new(session)));
+                    }
+                    // Asterisk's `httpd_helper_thread`: past `sessionlimit` the accepted
+                    // connection is closed before anything is read or answered.
+                    None => drop(stream),
+                },
                 // Out of file descriptors and the like: keep serving the others.
                 Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
             },
@@ -55,7 +61,32 @@ pub(crate) async fn serve(shared: Arc<Shared>, listener: TcpListener) {
     }
 }
 
-async fn connection(shared: Arc<Shared>, stream: TcpStream) {
+/// One HTTP session in Asterisk's count: an open connection, or the WebSocket it became.
+/// The count goes down when the last holder (the connection, or its upgraded socket) is gone.
+pub(crate) struct Session(Arc<Shared>);
+
+impl Session {
+    /// Counts a new connection in, or `None` past the session limit (counted as refused).
+    fn open(shared: &Arc<Shared>) -> Option<Session> {
+        let sessions = &shared.sessions;
+        let open = sessions.open.fetch_add(1, Ordering::SeqCst) + 1;
+        if open > shared.config.session_limit {
+            sessions.open.fetch_sub(1, Ordering::SeqCst);
+            sessions.refused.fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        sessions.peak.fetch_max(open, Ordering::SeqCst);
+        Some(Session(shared.clone()))
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.0.sessions.open.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn connection(shared: Arc<Shared>, stream: TcpStream, session: Arc<Session>) {
     let mut up = shared.up.subscribe();
     let mut shutdown = shared.shutdown.subscribe();
     // While Asterisk restarts, a new connection waits until it is back.
@@ -69,7 +100,8 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream) {
         let shared = shared.clone();
         service_fn(move |req| {
             let shared = shared.clone();
-            async move { Ok::<_, Infallible>(handle(shared, req).await) }
+            let session = session.clone();
+            async move { Ok::<_, Infallible>(handle(shared, req, session).await) }
         })
     };
     let conn = http1::Builder::new().serve_connection(TokioIo::new(stream), svc).with_upgrades();
@@ -209,7 +241,7 @@ fn truthy(v: Option<&str>) -> bool {
     v.is_some_and(|v| ["yes", "true", "y", "t", "1", "on"].contains(&v.to_ascii_lowercase().as_str()))
 }
 
-async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, session: Arc<Session>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let params = Params::parse(req.uri().query().unwrap_or(""));
     let Some(rest) = path.strip_prefix("/ari").filter(|r| r.is_empty() || r.starts_with('/')) else {
@@ -241,7 +273,7 @@ async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Bod
     }
 
     match (segs.as_slice(), &method) {
-        (["events"], _) => events_socket(shared, &mut req, &params),
+        (["events"], _) => events_socket(shared, &mut req, &params, session),
         (["asterisk", "info"], _) => json_response(200, &shared.state().asterisk_info(params.get("only"))),
         (["asterisk", "ping"], _) => {
             json_response(200, &json!({"ping": "pong", "timestamp": now_timestamp(), "asterisk_id": ASTERISK_ID}))
@@ -256,12 +288,18 @@ async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>) -> Response<Bod
             let sources = params.list("eventSource");
             respond_after_events(&shared, |st| st.subscription(app, &sources, subscribe).map(Some)).await
         }
-        (["channels"], &Method::GET) => json_response(200, &shared.state().channels_json()),
+        (["channels"], &Method::GET) => {
+            shared.requests.channel_lists.fetch_add(1, Ordering::Relaxed);
+            json_response(200, &shared.state().channels_json())
+        }
         (["channels"], _) => originate(shared, req, params, None).await,
-        (["channels", id], &Method::GET) => match shared.state().channel_json(id) {
-            Ok(v) => json_response(200, &v),
-            Err(e) => error(e),
-        },
+        (["channels", id], &Method::GET) => {
+            shared.requests.channel_gets.fetch_add(1, Ordering::Relaxed);
+            match shared.state().channel_json(id) {
+                Ok(v) => json_response(200, &v),
+                Err(e) => error(e),
+            }
+        }
         (["channels", id], &Method::POST) => {
             let id = id.to_string();
             originate(shared, req, params, Some(id)).await
@@ -409,7 +447,12 @@ async fn originate(
 }
 
 /// `GET /ari/events?app=…`: the WebSocket upgrade.
-fn events_socket(shared: Arc<Shared>, req: &mut Request<Incoming>, params: &Params) -> Response<Body> {
+fn events_socket(
+    shared: Arc<Shared>,
+    req: &mut Request<Incoming>,
+    params: &Params,
+    session: Arc<Session>,
+) -> Response<Body> {
     let apps: Vec<String> = params.list("app");
     if apps.is_empty() {
         return html_error(400, "Bad Request", "HTTP request is missing param: [app]");
@@ -431,6 +474,8 @@ fn events_socket(shared: Arc<Shared>, req: &mut Request<Incoming>, params: &Para
     let sid = shared.state().register_socket(&apps, truthy(params.get("subscribeAll")), tx);
     let on_upgrade = hyper::upgrade::on(req);
     tokio::spawn(async move {
+        // The socket stays one of Asterisk's HTTP sessions until it closes.
+        let _session = session;
         match on_upgrade.await {
             Ok(upgraded) => socket(shared, sid, upgraded, rx).await,
             Err(_) => shared.state().unregister_socket(sid),
@@ -446,7 +491,9 @@ fn events_socket(shared: Arc<Shared>, req: &mut Request<Incoming>, params: &Para
     finish(resp, Full::new(Bytes::new()))
 }
 
-/// Writes queued events to one event socket and answers the client's control frames.
+/// Writes queued events to one event socket and answers the client's control frames. A write
+/// that does not finish within `websocket_write_timeout` (the client stopped reading and the
+/// TCP buffers are full) closes the socket, as Asterisk does.
 async fn socket(
     shared: Arc<Shared>,
     sid: u64,
@@ -454,14 +501,20 @@ async fn socket(
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
     let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+    let write_timeout = shared.config.websocket_write_timeout;
     loop {
         tokio::select! {
             out = rx.recv() => match out {
-                Some(Outgoing::Text(text)) => {
-                    if ws.send(Message::text(text)).await.is_err() {
+                Some(Outgoing::Text(text)) => match tokio::time::timeout(write_timeout, ws.send(Message::text(text))).await {
+                    Ok(Ok(())) => {
+                        shared.requests.events_written.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Err(_)) => break,
+                    Err(_) => {
+                        shared.requests.write_timeouts.fetch_add(1, Ordering::Relaxed);
                         break;
                     }
-                }
+                },
                 // `send` flushes each message, so everything before the barrier is written.
                 Some(Outgoing::Barrier(ack)) => {
                     let _ = ack.send(());

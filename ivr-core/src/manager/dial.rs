@@ -23,13 +23,6 @@ const SIBLING_WAIT: Duration = Duration::from_millis(250);
 const RESEND_MIN: Duration = Duration::from_millis(100);
 const RESEND_MAX: Duration = Duration::from_secs(5);
 
-/// Whether a failed request may never have reached Asterisk, or its answer never reached us:
-/// the connection failed or timed out before an answer. Anything else is Asterisk's answer.
-// The ARI client may classify this itself one day; until then, today's AriError tells it.
-fn is_connection_failure(e: &AriError) -> bool {
-    matches!(e, AriError::Transport(_) | AriError::Timeout(_))
-}
-
 /// What became of an originate.
 enum Sent {
     /// Asterisk took it; the channel's name, if it gave one.
@@ -129,7 +122,7 @@ impl CallManager {
                 Err(AriError::Conflict { .. }) => {
                     return Sent::Placed(ari.get_channel(&request.channel_id).await.ok().map(|c| c.name))
                 }
-                Err(e) if is_connection_failure(&e) => {
+                Err(e) if e.is_connection_failure() => {
                     self.count_ari_error(&e);
                     let canceled = self.shared.calls.with(call_id, |c| c.tracker.is_canceled()).unwrap_or(true);
                     if canceled || Instant::now() + pause > give_up {

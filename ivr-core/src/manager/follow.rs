@@ -23,7 +23,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::ari::{AriEvent, ChannelState};
-use crate::call::{FailureReason, Hangup, Step, Transition};
+use crate::call::{CallId, FailureReason, Hangup, Step, Transition};
 
 /// What the call does once answered.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,6 +107,15 @@ impl Half {
             Half::Ours
         }
     }
+}
+
+/// Where an event goes: the call and attempt its channel id names, and which half it is.
+/// `None` for an event about no channel of ours. (The event loop and `crate::ingest` route by
+/// this one rule.)
+pub fn route(event: &AriEvent) -> Option<(CallId, u32, Half)> {
+    let channel_id = event.channel_id()?;
+    let (call_id, attempt) = CallId::parse_channel_id(channel_id)?;
+    Some((call_id, attempt, Half::of(channel_id)))
 }
 
 impl Tracker {

@@ -1,7 +1,7 @@
 //! The manager's Prometheus metrics. Labels are low-cardinality by construction: fixed
 //! outcome, reason and error-kind names, never a number or an id.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 #[derive(Clone, Debug)]
 pub(crate) struct Metrics {
@@ -24,7 +24,14 @@ pub(crate) struct Metrics {
     /// `kind`: an AriError kind.
     pub ari_errors: IntCounterVec,
     pub ws_reconnects: IntCounter,
-    pub events_dropped: IntCounter,
+    /// 1 while the event WebSocket is connected.
+    pub ari_connected: IntGauge,
+    /// ARI events taken by the event loop (none is ever dropped: the stream queues them all).
+    pub events: IntCounter,
+    /// Events read off the socket and not yet taken by the event loop.
+    pub event_queue_depth: IntGauge,
+    /// How long the event taken last waited in that queue.
+    pub event_lag: Gauge,
     pub originate_seconds: Histogram,
 }
 
@@ -59,7 +66,16 @@ impl Metrics {
                 &["kind"],
             )?,
             ws_reconnects: IntCounter::new("ivr_ari_websocket_reconnects_total", "ARI event WebSocket reconnects")?,
-            events_dropped: IntCounter::new("ivr_ari_events_dropped_total", "ARI events dropped by a slow consumer")?,
+            ari_connected: IntGauge::new("ivr_ari_connected", "1 while the ARI event WebSocket is connected, else 0")?,
+            events: IntCounter::new("ivr_ari_events_total", "ARI events taken by the event loop")?,
+            event_queue_depth: IntGauge::new(
+                "ivr_ari_event_queue_depth",
+                "ARI events read off the WebSocket and not yet taken by the event loop",
+            )?,
+            event_lag: Gauge::new(
+                "ivr_ari_event_lag_seconds",
+                "How long the ARI event taken last waited between the socket and the event loop",
+            )?,
             originate_seconds: Histogram::with_opts(
                 HistogramOpts::new("ivr_originate_duration_seconds", "Time for ARI to accept an originate")
                     .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
@@ -75,7 +91,10 @@ impl Metrics {
         registry.register(Box::new(metrics.failed.clone()))?;
         registry.register(Box::new(metrics.ari_errors.clone()))?;
         registry.register(Box::new(metrics.ws_reconnects.clone()))?;
-        registry.register(Box::new(metrics.events_dropped.clone()))?;
+        registry.register(Box::new(metrics.ari_connected.clone()))?;
+        registry.register(Box::new(metrics.events.clone()))?;
+        registry.register(Box::new(metrics.event_queue_depth.clone()))?;
+        registry.register(Box::new(metrics.event_lag.clone()))?;
         registry.register(Box::new(metrics.originate_seconds.clone()))?;
         Ok(metrics)
     }

@@ -46,7 +46,8 @@ use crate::store::{CallPage, CallQuery, CallStore};
 
 mod calls;
 mod dial;
-mod follow;
+// `pub(crate)` for `crate::ingest`, the event path without a store (benchmarks).
+pub(crate) mod follow;
 mod metrics;
 mod pacing;
 mod reconcile;
@@ -54,7 +55,7 @@ mod request;
 mod updates;
 
 use calls::LiveCalls;
-use follow::{Half, Tracker};
+use follow::Tracker;
 use metrics::Metrics;
 use pacing::Pacer;
 pub use request::CallRequest;
@@ -327,13 +328,19 @@ impl CallManager {
     /// only interprets events, and never awaits the store or ARI.
     pub async fn run(&self, shutdown: impl Future<Output = ()>) -> Result<()> {
         let mut events = EventStream::connect(self.shared.ari.config().clone())?;
+        let stats = events.stats();
+        let metrics = &self.shared.metrics;
         let background = [tokio::spawn(reconcile::run(self.clone())), tokio::spawn(pacing::dispatch(self.clone()))];
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
                 item = events.next() => match item {
-                    Some(item) => self.on_stream_item(item),
+                    Some(item) => {
+                        metrics.event_queue_depth.set(i64::try_from(stats.queue_depth()).unwrap_or(i64::MAX));
+                        metrics.event_lag.set(stats.consumer_lag().as_secs_f64());
+                        self.on_stream_item(item);
+                    }
                     None => break,
                 },
             }
@@ -342,6 +349,7 @@ impl CallManager {
             task.abort();
         }
         self.shared.connected.store(false, Ordering::Relaxed);
+        metrics.ari_connected.set(0);
         Ok(())
     }
 
@@ -353,31 +361,32 @@ impl CallManager {
     fn on_stream_item(&self, item: StreamItem) {
         let shared = &self.shared;
         match item {
-            StreamItem::Event(event) => self.on_event(event),
+            StreamItem::Event(event) => {
+                shared.metrics.events.inc();
+                self.on_event(event);
+            }
             StreamItem::Connected { connection } => {
                 shared.connected.store(true, Ordering::Relaxed);
+                shared.metrics.ari_connected.set(1);
                 if connection > 1 {
                     shared.metrics.ws_reconnects.inc();
                 }
                 self.reconcile_soon();
             }
-            StreamItem::Dropped { count } => {
-                shared.metrics.events_dropped.inc_by(count);
-                shared.calls.each(|c| c.tracker.note_gap());
-                self.reconcile_soon();
-            }
             StreamItem::Disconnected { .. } | StreamItem::Replaced { .. } => {
                 shared.connected.store(false, Ordering::Relaxed);
+                shared.metrics.ari_connected.set(0);
                 shared.calls.each(|c| c.tracker.note_gap());
             }
-            StreamItem::ConnectFailed { .. } => shared.connected.store(false, Ordering::Relaxed),
+            StreamItem::ConnectFailed { .. } => {
+                shared.connected.store(false, Ordering::Relaxed);
+                shared.metrics.ari_connected.set(0);
+            }
         }
     }
 
     fn on_event(&self, event: AriEvent) {
-        let Some(channel_id) = event.channel_id() else { return };
-        let Some((call_id, attempt)) = CallId::parse_channel_id(channel_id) else { return };
-        let half = Half::of(channel_id);
+        let Some((call_id, attempt, half)) = follow::route(&event) else { return };
         let command = self.shared.calls.with(call_id, |c| {
             if c.tracker.attempt() != attempt {
                 return None;
