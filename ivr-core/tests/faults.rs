@@ -355,10 +355,12 @@ async fn watch_channel_creations(
 }
 
 /// ARI takes longer to answer an originate than the client waits (800 ms against a 300 ms
-/// request timeout) for a while, then answers at once again. Every originate is resent with
-/// the same channel id until an answer comes (a 409 then means it was placed): Asterisk
-/// creates each call's channel exactly once, no call is stored as failed or lost, and every
-/// call ends with its true status.
+/// request timeout) for a while, then answers at once again. An originate without an answer
+/// is sent again with the same channel id (a 409 then means it was placed), unless its
+/// channel's end was heard meanwhile — a callee that rejects at once frees the id before the
+/// resend would go, and the resend would dial it again. Asterisk creates each call's channel
+/// exactly once, no call is stored as failed or lost, and every call ends with its true
+/// status. (This test found the resend that dialled a rejecting callee twice.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ari_slower_than_the_request_timeout_dials_no_call_twice_and_loses_none() {
     const CALLS: usize = 20;
@@ -413,15 +415,16 @@ async fn ari_slower_than_the_request_timeout_dials_no_call_twice_and_loses_none(
         "every first send timed out (ARI errors counted: {})",
         metric(&rig.registry, "ivr_ari_errors_total")
     );
-    assert!(rig.fake.originate_count() > CALLS, "originates were resent ({} sends)", rig.fake.originate_count());
+    // Sends: one per call, plus resends of those whose channel's events had not come yet.
+    assert!(rig.fake.originate_count() >= CALLS, "{} sends", rig.fake.originate_count());
 
     rig.until_all_ended(Duration::from_secs(20)).await;
     check_outcomes(&rig.manager, &expected).await;
     let created = created.lock().unwrap().clone();
     for (call_id, _) in &expected {
         let channel = call_id.channel_id(1);
-        assert_eq!(created.get(&channel), Some(&1), "{channel}: created exactly once");
         let call = rig.manager.get(*call_id).await.unwrap().unwrap();
+        assert_eq!(created.get(&channel), Some(&1), "{channel}: created exactly once: {:?}", call.history);
         assert_eq!(call.attempt_number, 1, "no second attempt");
         let sent = call.history.iter().filter(|r| r.cause == "sent to Asterisk").count();
         assert_eq!(sent, 1, "one sent mark: {:?}", call.history);
