@@ -70,68 +70,90 @@ struct Seen {
     not_connected: usize,
 }
 
-/// Clients creating calls until `stop`: each POSTs one call after another, a new connection
-/// each (so a refusal can only be a refused connection, never a reused one closing).
+/// Clients creating calls until `stop`: one new request every `every` (at most 64 in flight),
+/// whatever the earlier ones are waiting for, each on a new connection (so a refusal can only
+/// be a refused connection, never a reused one closing). The task ends once every request it
+/// sent has its outcome.
 fn load(
     base: String,
     token: String,
-    workers: usize,
+    every: Duration,
     numbers: &'static [Callee],
     stop: Arc<AtomicBool>,
-) -> (Arc<Mutex<Seen>>, Vec<tokio::task::JoinHandle<()>>) {
+) -> (Arc<Mutex<Seen>>, tokio::task::JoinHandle<()>) {
     let seen = Arc::new(Mutex::new(Seen::default()));
     let client = reqwest::Client::builder().timeout(STEP).pool_max_idle_per_host(0).build().unwrap();
-    let tasks = (0..workers)
-        .map(|w| {
-            let (seen, client, base, token, stop) =
-                (seen.clone(), client.clone(), base.clone(), token.clone(), stop.clone());
-            tokio::spawn(async move {
-                let mut i = w;
-                while !stop.load(Ordering::SeqCst) {
-                    let number = numbers[i % numbers.len()].0;
-                    i += workers;
-                    let sent = client
-                        .post(format!("{base}/api/v1/calls"))
-                        .bearer_auth(&token)
-                        .json(&json!({"phone_number": number, "audio": format!("sound:{LONG_SOUND}")}))
-                        .send()
-                        .await;
-                    let response = match sent {
-                        Ok(response) => response,
-                        Err(e) if e.is_connect() => {
-                            seen.lock().unwrap().not_connected += 1;
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                            continue;
-                        }
-                        Err(e) => {
-                            seen.lock().unwrap().unanswered.push(format!("{e:?}"));
-                            continue;
-                        }
-                    };
-                    let status = response.status().as_u16();
-                    let headers = response.headers().clone();
-                    let body: Value = response.json().await.unwrap_or(Value::Null);
-                    {
-                        let mut seen = seen.lock().unwrap();
-                        *seen.statuses.entry(status).or_default() += 1;
-                        match status {
-                            201 | 202 => {
-                                let id = body["call_id"].as_str().and_then(|id| id.parse().ok()).expect("call_id");
-                                seen.accepted.push((id, number.to_owned()));
-                            }
-                            503 if headers.contains_key("retry-after")
-                                && headers["content-type"] == "application/problem+json" => {}
-                            _ => seen.bad.push(format!("{status} {headers:?} {body}")),
-                        }
-                    }
-                    if status == 503 {
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                    }
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(64));
+    let driver = tokio::spawn({
+        let seen = seen.clone();
+        async move {
+            let mut requests = tokio::task::JoinSet::new();
+            let mut ticks = tokio::time::interval(every);
+            for i in 0.. {
+                ticks.tick().await;
+                if stop.load(Ordering::SeqCst) {
+                    break;
                 }
-            })
-        })
-        .collect();
-    (seen, tasks)
+                let Ok(permit) = in_flight.clone().try_acquire_owned() else { continue };
+                let number = numbers[i % numbers.len()].0;
+                let request = client
+                    .post(format!("{base}/api/v1/calls"))
+                    .bearer_auth(&token)
+                    .json(&json!({"phone_number": number, "audio": format!("sound:{LONG_SOUND}")}));
+                let seen = seen.clone();
+                requests.spawn(async move {
+                    let outcome = answer(request).await;
+                    let mut seen = seen.lock().unwrap();
+                    match outcome {
+                        Answer::NotConnected => seen.not_connected += 1,
+                        Answer::Unanswered(e) => seen.unanswered.push(e),
+                        Answer::Answered { status, retry_after, problem, body } => {
+                            *seen.statuses.entry(status).or_default() += 1;
+                            match status {
+                                201 | 202 => {
+                                    let id = body["call_id"].as_str().and_then(|id| id.parse().ok()).expect("call_id");
+                                    seen.accepted.push((id, number.to_owned()));
+                                }
+                                503 if retry_after && problem => {}
+                                _ => seen.bad.push(format!("{status} retry-after: {retry_after} {body}")),
+                            }
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+            while requests.join_next().await.is_some() {}
+        }
+    });
+    (seen, driver)
+}
+
+/// How a request of the load went.
+enum Answer {
+    /// Refused at connect: nothing listens.
+    NotConnected,
+    /// Connected, then no answer (closed or reset).
+    Unanswered(String),
+    Answered {
+        status: u16,
+        retry_after: bool,
+        problem: bool,
+        body: Value,
+    },
+}
+
+async fn answer(request: reqwest::RequestBuilder) -> Answer {
+    match request.send().await {
+        Err(e) if e.is_connect() => Answer::NotConnected,
+        Err(e) => Answer::Unanswered(format!("{e:?}")),
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let retry_after = response.headers().contains_key("retry-after");
+            let problem = response.headers().get("content-type").is_some_and(|t| t == "application/problem+json");
+            let body: Value = response.json().await.unwrap_or(Value::Null);
+            Answer::Answered { status, retry_after, problem, body }
+        }
+    }
 }
 
 /// Every accepted call is stored, ends as its number's plan says, with its whole history.
@@ -317,7 +339,7 @@ async fn postgres_restarted_under_load_is_503_then_recovers_and_loses_nothing() 
     let token = server.mint(USER);
 
     let stop = Arc::new(AtomicBool::new(false));
-    let (seen, workers) = load(server.base.clone(), token.clone(), 4, NUMBERS, stop.clone());
+    let (seen, driver) = load(server.base.clone(), token.clone(), Duration::from_millis(25), NUMBERS, stop.clone());
     tokio::time::sleep(Duration::from_secs(1)).await;
     let before = seen.lock().unwrap().accepted.len();
     assert!(before > 0, "calls are accepted before the outage");
@@ -354,9 +376,7 @@ async fn postgres_restarted_under_load_is_503_then_recovers_and_loses_nothing() 
     .await;
     let recovered = restarted.elapsed();
     stop.store(true, Ordering::SeqCst);
-    for worker in workers {
-        within("a load client to stop", worker).await.unwrap();
-    }
+    within("the load's requests to end", driver).await.unwrap();
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert!(seen.bad.is_empty(), "only 201/202 and 503 with Retry-After: {:#?}", seen.bad);
     assert!(seen.unanswered.is_empty(), "every request answered: {:#?}", seen.unanswered);
@@ -490,7 +510,7 @@ async fn sigterm_under_load_loses_no_call_and_the_next_process_resumes() {
     let first = spawn_server(&db, port, &fake);
     until_ready(&base).await;
     let stop = Arc::new(AtomicBool::new(false));
-    let (seen, workers) = load(base.clone(), token.clone(), 6, SLOW, stop.clone());
+    let (seen, driver) = load(base.clone(), token.clone(), Duration::from_millis(20), SLOW, stop.clone());
     within("a load to build up", async {
         while seen.lock().unwrap().accepted.len() < 30 {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -502,9 +522,7 @@ async fn sigterm_under_load_loses_no_call_and_the_next_process_resumes() {
     // Clients keep trying a moment longer: the port is closed, every attempt refused at connect.
     tokio::time::sleep(Duration::from_millis(200)).await;
     stop.store(true, Ordering::SeqCst);
-    for worker in workers {
-        within("a load client to stop", worker).await.unwrap();
-    }
+    within("the load's requests to end", driver).await.unwrap();
     let seen = std::mem::take(&mut *seen.lock().unwrap());
     assert!(seen.bad.is_empty(), "every request answered was answered cleanly: {:#?}", seen.bad);
     assert!(seen.not_connected > 0, "requests after the exit were refused at connect");
