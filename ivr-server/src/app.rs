@@ -14,6 +14,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::Tokens;
+use crate::retention::Retention;
 use crate::settings::{DbSettings, Settings};
 use crate::users::UserStore;
 use crate::{AppState, Options};
@@ -87,6 +88,8 @@ pub struct App {
     pub stores: Stores,
     /// How long live calls are still followed once shutdown begins (CALL_DRAIN_SECONDS).
     pub call_drain: Duration,
+    /// The retention task's handle, with CALL_RETENTION_DAYS.
+    pub retention: Option<Retention>,
 }
 
 impl App {
@@ -131,18 +134,24 @@ impl App {
             trusted_proxies: settings.trusted_proxies.clone(),
             policy: settings.policy.clone(),
         };
+        let retention = settings
+            .call_retention
+            .map(|keep| Retention::new(Arc::clone(&stores.calls), keep, &registry))
+            .transpose()
+            .map_err(StartError::Metrics)?;
         let state = AppState::new(manager, stores.users.clone(), Tokens::new(&settings.auth), registry, options)
             .map_err(StartError::Metrics)?;
-        Ok(App { state, stores, call_drain: settings.call_drain })
+        Ok(App { state, stores, call_drain: settings.call_drain, retention })
     }
 
     pub fn manager(&self) -> &CallManager {
         self.state.manager()
     }
 
-    /// Serves the API on `listener` and follows the calls until `shutdown` completes, or the
-    /// ARI event loop fails; then drains both (see [`serve`](crate::serve) and
-    /// [`follow_calls`](crate::follow_calls)) and closes the stores.
+    /// Serves the API on `listener`, follows the calls and runs the retention task (with
+    /// CALL_RETENTION_DAYS) until `shutdown` completes, or the ARI event loop fails; then
+    /// drains (see [`serve`](crate::serve) and [`follow_calls`](crate::follow_calls)), stops
+    /// the retention task and closes the stores.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -165,8 +174,12 @@ impl App {
             }
             stop.send_replace(true);
         });
+        let retention = self.retention.clone().map(|r| tokio::spawn(r.run(until_stopped(stopped.clone()))));
         let served = crate::serve(listener, self.state.clone(), until_stopped(stopped)).await;
         let _ = engine_stopped.await;
+        if let Some(retention) = retention {
+            let _ = retention.await;
+        }
         self.stores.close().await;
         tracing::info!("stopped");
         served

@@ -129,6 +129,8 @@ pub struct Settings {
     pub login: LoginLimits,
     pub trusted_proxies: TrustedProxies,
     pub policy: DestinationPolicy,
+    /// How long ended calls are kept (CALL_RETENTION_DAYS); `None` keeps them for ever.
+    pub call_retention: Option<Duration>,
 }
 
 impl Settings {
@@ -245,6 +247,9 @@ impl Settings {
             login,
             trusted_proxies,
             policy,
+            call_retention: r
+                .number("CALL_RETENTION_DAYS", 1, 36_500)?
+                .map(|days| Duration::from_secs(u64::from(days) * 86_400)),
         })
     }
 }
@@ -374,6 +379,7 @@ mod tests {
         assert_eq!(s.connections.header_read_timeout, Duration::from_secs(10));
         assert_eq!(s.login, LoginLimits::default());
         assert!(s.trusted_proxies.is_empty() && !s.policy.is_set());
+        assert_eq!(s.call_retention, None, "retention is off by default");
         assert_eq!((s.manager.max_calls_per_second, s.manager.max_queued_calls), (10, 1000));
         let unpaced = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("MAX_CALLS_PER_SECOND", "0")]).unwrap();
         assert_eq!(unpaced.manager.max_calls_per_second, 0, "0 lifts the limit");
@@ -414,8 +420,10 @@ mod tests {
             ("TRUSTED_PROXIES", "10.0.0.0/8"),
             ("MAX_CONNECTIONS", "5"),
             ("LOGIN_SLOWDOWN_MS", "0"),
+            ("CALL_RETENTION_DAYS", "90"),
         ])
         .unwrap();
+        assert_eq!(s.call_retention, Some(Duration::from_secs(90 * 86_400)));
         assert_eq!(s.policy.denied(), ["+1900", "+1976"]);
         assert_eq!(s.policy.allowed(), ["+1"]);
         assert_eq!(s.trusted_proxies.to_string(), "10.0.0.0/8");
@@ -460,6 +468,8 @@ mod tests {
             ("LOGIN_SLOWDOWN_MS", "60001"),
             ("ARI_MAX_CONNECTIONS", "1"),
             ("INSTANCE_LEASE_SECONDS", "1"),
+            ("CALL_RETENTION_DAYS", "0"),
+            ("CALL_RETENTION_DAYS", "ninety"),
         ] {
             let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), (var, bad)]).unwrap_err();
             assert_eq!(e.variable, var, "{e}");

@@ -26,8 +26,11 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use time::{Duration, OffsetDateTime};
 
 use super::{Applied, CallQuery, CallStore};
+
+mod retention;
 use crate::call::{Call, CallId, CallSpec, CallStatus, FailureReason, Hangup, Ignored, PhoneNumber, Step, Transition};
 use crate::error::{Conflict, Error};
+pub use retention::{purge_deletes_only_calls_ended_before_the_cutoff, purge_goes_in_batches_oldest_first};
 
 /// A fresh store for one check, with whatever must live as long as it (a temp dir, say).
 pub struct Fixture {
@@ -75,6 +78,8 @@ macro_rules! call_store_conformance {
             racing_writers_one_wins,
             filters_and_pagination_over_10000_calls,
             active_calls_are_listed,
+            purge_deletes_only_calls_ended_before_the_cutoff,
+            purge_goes_in_batches_oldest_first,
         );
     };
     (@checks $factory:path; $($check:ident),* $(,)?) => {

@@ -1,4 +1,6 @@
 //! The in-memory store: what DISABLE_DB mode runs on. Nothing survives the process.
+//!
+//! A purge takes at most one batch per write lock, so readers get in between batches.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::RwLock;
@@ -22,6 +24,17 @@ struct Inner {
     by_key: HashMap<String, CallId>,
     /// (created_at µs, id) of every call: the list order.
     order: BTreeSet<(i64, CallId)>,
+    /// (ended_at µs, id) of every terminal call: the purge order.
+    ended: BTreeSet<(i64, CallId)>,
+}
+
+impl Inner {
+    /// Files `call` under its end, once it has one.
+    fn note_end(&mut self, call: &Call) {
+        if let (true, Some(at)) = (call.is_completed(), call.ended_at) {
+            self.ended.insert((micros(at), call.call_id));
+        }
+    }
 }
 
 impl MemoryCallStore {
@@ -56,6 +69,7 @@ impl CallStore for MemoryCallStore {
             inner.by_key.insert(key.clone(), call.call_id);
         }
         inner.order.insert((micros(call.created_at), call.call_id));
+        inner.note_end(call);
         inner.calls.insert(call.call_id, call.clone());
         Ok(())
     }
@@ -72,10 +86,14 @@ impl CallStore for MemoryCallStore {
     async fn apply(&self, call_id: CallId, transition: &Transition) -> Result<Applied> {
         let mut inner = self.write();
         let call = inner.calls.get_mut(&call_id).ok_or(Error::NotFound(call_id))?;
-        Ok(match call.apply(transition) {
+        let applied = match call.apply(transition) {
             Ok(()) => Applied::Changed(call.clone()),
             Err(why) => Applied::Ignored { call: call.clone(), why },
-        })
+        };
+        if let Applied::Changed(call) = &applied {
+            inner.note_end(call);
+        }
+        Ok(applied)
     }
 
     async fn list(&self, query: &CallQuery) -> Result<CallPage> {
@@ -91,6 +109,22 @@ impl CallStore for MemoryCallStore {
 
     async fn list_active(&self) -> Result<Vec<Call>> {
         Ok(self.read().calls.values().filter(|c| c.is_active()).cloned().collect())
+    }
+
+    async fn purge_ended_batch(&self, before: time::OffsetDateTime, limit: usize) -> Result<usize> {
+        let mut inner = self.write();
+        let due: Vec<(i64, CallId)> =
+            inner.ended.range(..(micros(before), CallId::from_uuid(uuid::Uuid::nil()))).take(limit).copied().collect();
+        for entry in &due {
+            inner.ended.remove(entry);
+            if let Some(call) = inner.calls.remove(&entry.1) {
+                inner.order.remove(&(micros(call.created_at), call.call_id));
+                if let Some(key) = &call.spec.idempotency_key {
+                    inner.by_key.remove(key);
+                }
+            }
+        }
+        Ok(due.len())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -37,6 +37,7 @@ const IN_CHUNK: usize = 500;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "calls", include_str!("../../migrations/0001_calls.sql")),
     (2, "sent_at", include_str!("../../migrations/0002_sent_at.sql")),
+    (3, "ended_at", include_str!("../../migrations/0003_ended_at.sql")),
     (4, "instances", include_str!("../../migrations/0004_instances.sql")),
 ];
 
@@ -218,7 +219,7 @@ impl CallStore for SqlCallStore {
                 Ok(()) => Ok(()),
                 Err(sqlx::Error::Database(e)) if e.is_unique_violation() => match self.existing_for(call).await? {
                     Some((on, existing)) => Err(Error::AlreadyExists { on, existing: Box::new(existing) }),
-                    // The colliding row vanished in between (nothing deletes calls today).
+                    // The colliding row vanished in between (a purge deleted it).
                     None => Err(unavailable(sqlx::Error::Database(e))),
                 },
                 Err(e) => Err(unavailable(e)),
@@ -325,6 +326,53 @@ impl CallStore for SqlCallStore {
         .await
     }
 
+    async fn purge_ended_batch(&self, before: OffsetDateTime, limit: usize) -> Result<usize> {
+        bounded(async {
+            // Chosen outside the transaction: a terminal call never changes, so the ids stay
+            // valid, and SQLite's write lock is taken by the first DELETE and held only for
+            // the deletes (a read that turned into a write could fail at once under WAL).
+            let select = format!("SELECT call_id FROM calls WHERE {PURGEABLE} ORDER BY ended_at, call_id LIMIT $2");
+            let rows = sqlx::query(&select)
+                .bind(micros(before))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            let ids = rows.iter().map(|row| row.try_get::<String, _>("call_id")).collect::<Result<Vec<_>, _>>();
+            let ids = ids.map_err(corrupt)?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let placeholders =
+                |from: usize, n: usize| (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let mut deleted = 0;
+            for chunk in ids.chunks(IN_CHUNK) {
+                let chosen = format!(
+                    "SELECT call_id FROM calls WHERE {PURGEABLE} AND call_id IN ({})",
+                    placeholders(2, chunk.len())
+                );
+                // The history first (SQLite applies the foreign key's cascade only when told
+                // to), of the same calls as the second statement deletes.
+                let history = format!("DELETE FROM call_transitions WHERE call_id IN ({chosen})");
+                let calls = format!("DELETE FROM calls WHERE call_id IN ({chosen})");
+                for (i, sql) in [history, calls].iter().enumerate() {
+                    let mut q = sqlx::query(sql).bind(micros(before));
+                    for id in chunk {
+                        q = q.bind(id.as_str());
+                    }
+                    let done = q.execute(&mut *tx).await.map_err(unavailable)?;
+                    if i == 1 {
+                        deleted += done.rows_affected() as usize;
+                    }
+                }
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(deleted)
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<()> {
         bounded(async {
             sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
@@ -381,6 +429,11 @@ const SELECT_CALL_WITH_HISTORY: &str = concat!(
     " FROM calls c LEFT JOIN call_transitions t ON t.call_id = c.call_id AND t.seq < c.version \
      WHERE c.call_id = $1 ORDER BY t.seq"
 );
+
+/// Which calls retention may delete, with the cutoff as `$1`: ended ones only, whatever the
+/// cutoff. (Only a terminal call has an `ended_at`; the status says it again.) The
+/// `calls_ended_at` index serves it, oldest first.
+const PURGEABLE: &str = "ended_at < $1 AND status IN ('completed', 'failed')";
 
 /// The histories of some calls, up to the list of their ids.
 const SELECT_HISTORIES_PREFIX: &str =
