@@ -69,6 +69,7 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
         crate::api::get_call,
         crate::api::cancel_call,
         crate::api::call_events,
+        crate::api::call_deliveries,
         crate::api::call_status,
     ),
     components(

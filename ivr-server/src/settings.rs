@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ivr_core::ari::AriConfig;
+use ivr_core::webhook::{CallbackPolicy, WebhookSettings};
 use ivr_core::ManagerSettings;
 
 use crate::client::TrustedProxies;
@@ -126,6 +127,8 @@ pub struct Settings {
     pub login: LoginLimits,
     pub trusted_proxies: TrustedProxies,
     pub policy: DestinationPolicy,
+    /// How status callbacks are signed and retried; `None` (no WEBHOOK_SECRET) sends none.
+    pub webhooks: Option<WebhookSettings>,
 }
 
 impl Settings {
@@ -179,6 +182,8 @@ impl Settings {
                 .map_or(defaults.originate_retry_window, |n| Duration::from_secs(n.into())),
             ..defaults
         };
+        let (callbacks, webhooks) = webhooks(&r)?;
+        let manager = ManagerSettings { callbacks, ..manager };
         let listen = r.string("LISTEN_ADDR")?.unwrap_or_else(|| DEFAULT_LISTEN_ADDR.into());
         let listen_addr = listen
             .parse()
@@ -226,8 +231,51 @@ impl Settings {
             login,
             trusted_proxies,
             policy,
+            webhooks,
         })
     }
+}
+
+/// The shortest WEBHOOK_SECRET accepted.
+pub const MIN_WEBHOOK_SECRET_BYTES: usize = 16;
+
+/// The status-callback settings: which URLs calls may name, and how deliveries are sent.
+fn webhooks<S: Source>(r: &Reader<'_, S>) -> Result<(CallbackPolicy, Option<WebhookSettings>), SettingsError> {
+    let secret = r.string("WEBHOOK_SECRET")?;
+    if secret.as_ref().is_some_and(|s| s.len() < MIN_WEBHOOK_SECRET_BYTES) {
+        return Err(r.error(
+            "WEBHOOK_SECRET",
+            &format!(
+                "is too short: at least {MIN_WEBHOOK_SECRET_BYTES} bytes are needed (e.g. `openssl rand -hex 32`)"
+            ),
+        ));
+    }
+    let mut allowed_hosts = Vec::new();
+    for entry in r.string("WEBHOOK_ALLOWED_HOSTS")?.unwrap_or_default().split(',').filter(|e| !e.trim().is_empty()) {
+        allowed_hosts
+            .push(CallbackPolicy::parse_host(entry).map_err(|e| r.error("WEBHOOK_ALLOWED_HOSTS", &e.to_string()))?);
+    }
+    let default_url = r.string("WEBHOOK_DEFAULT_URL")?;
+    let policy = CallbackPolicy { enabled: secret.is_some(), default_url: default_url.clone(), allowed_hosts };
+    if let Some(url) = &default_url {
+        if secret.is_none() {
+            return Err(r.error("WEBHOOK_DEFAULT_URL", "needs WEBHOOK_SECRET: every status callback is signed"));
+        }
+        // The URL may hold a token: it is not repeated.
+        policy
+            .check(url)
+            .map_err(|problem| r.error("WEBHOOK_DEFAULT_URL", &problem.replace("status_callback", "the URL")))?;
+    }
+    let d = WebhookSettings::default();
+    let settings = secret.map(|secret| -> Result<WebhookSettings, SettingsError> {
+        Ok(WebhookSettings {
+            secret: secret.into_bytes(),
+            timeout: r.number("WEBHOOK_TIMEOUT", 1, 300)?.map_or(d.timeout, |n| Duration::from_secs(n.into())),
+            max_age: r.number("WEBHOOK_MAX_AGE", 60, 30 * 86_400)?.map_or(d.max_age, |n| Duration::from_secs(n.into())),
+            ..d
+        })
+    });
+    Ok((policy, settings.transpose()?))
 }
 
 impl AuthSettings {

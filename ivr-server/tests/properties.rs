@@ -98,7 +98,7 @@ proptest! {
         // The parameter comes back decoded, exactly as it was.
         let got = match &route {
             Route::Interaction { number } => Some(number.clone()),
-            Route::GetCall { call_id } | Route::CancelCall { call_id } | Route::CallEvents { call_id } | Route::Status { call_id } => Some(call_id.clone()),
+            Route::GetCall { call_id } | Route::CancelCall { call_id } | Route::CallEvents { call_id } | Route::CallDeliveries { call_id } | Route::Status { call_id } => Some(call_id.clone()),
             Route::DocsFile { file } => Some(file.clone()),
             _ => None,
         };
