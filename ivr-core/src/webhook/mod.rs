@@ -19,6 +19,8 @@ use uuid::Uuid;
 use crate::call::{Call, CallId, CallStatus, TransitionRecord};
 
 mod policy;
+#[cfg(feature = "testing")]
+pub mod receiver;
 mod sign;
 mod worker;
 

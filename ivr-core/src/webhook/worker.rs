@@ -93,9 +93,10 @@ impl WebhookSettings {
         delay.mul_f64(1.0 - fastrand::f64() * 0.5)
     }
 
-    /// How long a claim holds a delivery: well past the longest attempt.
+    /// How long a claim holds a delivery: well past the longest attempt (the attempt's
+    /// timeout, then recording it).
     fn lease(&self) -> Duration {
-        self.timeout * 2 + Duration::from_secs(5)
+        self.timeout * 3
     }
 }
 
