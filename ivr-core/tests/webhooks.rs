@@ -238,8 +238,7 @@ async fn a_worker_killed_mid_delivery_loses_nothing_the_next_one_delivers_it() {
     let first = SqlCallStore::open_sqlite(&path).await.unwrap();
     let call = Call::new(CallId::new(), watched(&receiver, &[CallStatus::Pending]), now());
     first.insert(&call).await.unwrap();
-    let (_stop, _registry, task) =
-        start(Arc::new(first.clone()), fast.clone());
+    let (_stop, _registry, task) = start(Arc::new(first.clone()), fast.clone());
     let got = receiver.wait_for(1, Duration::from_secs(20)).await;
     // Killed while the receiver holds the request: nothing of the attempt is recorded.
     task.abort();

@@ -125,7 +125,18 @@ impl Receiver {
         };
         match tokio::time::timeout(limit, wait).await {
             Ok(received) => received,
-            Err(_) => panic!("the receiver got {} requests within {limit:?}, not {n}", self.received().len()),
+            Err(_) => {
+                let got: Vec<String> = self
+                    .received()
+                    .iter()
+                    .map(|r| {
+                        serde_json::from_slice::<serde_json::Value>(&r.body)
+                            .map(|b| b["type"].to_string())
+                            .unwrap_or_default()
+                    })
+                    .collect();
+                panic!("the receiver got {} requests within {limit:?}, not {n}: {got:?}", got.len())
+            }
         }
     }
 }
