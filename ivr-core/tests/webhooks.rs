@@ -288,3 +288,41 @@ async fn redirects_are_not_followed_and_old_deliveries_are_given_up() {
     tokio::time::sleep(Duration::from_secs(3600)).await;
     assert_eq!(receiver.received().len(), got.len(), "a failed delivery is not tried again");
 }
+
+/// Retention: deleting a call (as purging old calls does) deletes its deliveries with it, by
+/// the outbox's `ON DELETE CASCADE`, on SQLite and PostgreSQL.
+#[tokio::test]
+async fn deleting_a_call_deletes_its_deliveries() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut stores = vec![("sqlite", SqlCallStore::open_sqlite(&dir.path().join("ivr.db")).await.unwrap())];
+    match std::env::var("IVR_TEST_DATABASE_URL") {
+        Ok(url) => {
+            stores.push(("postgres", ivr_core::store::conformance::postgres_in_fresh_schema(&url).await.unwrap()))
+        }
+        Err(_) => {
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "skipped: the PostgreSQL store (IVR_TEST_DATABASE_URL is not set)");
+        }
+    }
+    for (name, store) in stores {
+        let spec = CallSpec {
+            status_callback: Some("http://hooks.example/".into()),
+            status_callback_events: vec![CallStatus::Pending, CallStatus::Dialing],
+            ..new_call("+15550000001")
+        };
+        let (gone, kept) = (Call::new(CallId::new(), spec.clone(), now()), Call::new(CallId::new(), spec, now()));
+        for call in [&gone, &kept] {
+            store.insert(call).await.unwrap();
+            apply(&store, call, Step::Dialing).await;
+        }
+        assert_eq!(store.outbox_depth().await.unwrap(), 4, "{name}");
+        sqlx::query("DELETE FROM calls WHERE call_id = $1")
+            .bind(gone.call_id.to_string())
+            .execute(store.pool())
+            .await
+            .unwrap();
+        assert!(store.deliveries(gone.call_id).await.unwrap().is_empty(), "{name}: the deliveries went with the call");
+        assert_eq!(store.deliveries(kept.call_id).await.unwrap().len(), 2, "{name}");
+        assert_eq!(store.outbox_depth().await.unwrap(), 2, "{name}");
+    }
+}

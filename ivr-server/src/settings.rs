@@ -469,4 +469,42 @@ mod tests {
         let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("DISABLE_DB", "true")]).unwrap();
         assert!(s.db.database_url.is_none());
     }
+
+    #[test]
+    fn webhooks() {
+        let base = [("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")];
+        let with = |extra: &[(&str, &str)]| load(&[&base[..], extra].concat());
+        let off = with(&[]).unwrap();
+        assert!(off.webhooks.is_none() && !off.manager.callbacks.enabled);
+
+        let on = with(&[
+            ("WEBHOOK_SECRET", "whsec-0123456789abcdef"),
+            ("WEBHOOK_ALLOWED_HOSTS", " Hooks.Example , 10.0.0.5:8080 ,"),
+            ("WEBHOOK_DEFAULT_URL", "http://crm.example/ivr"),
+            ("WEBHOOK_MAX_AGE", "3600"),
+        ])
+        .unwrap();
+        let w = on.webhooks.expect("enabled by the secret");
+        assert_eq!((w.max_age, w.timeout), (Duration::from_secs(3600), Duration::from_secs(10)));
+        assert_eq!(on.manager.callbacks.allowed_hosts, ["hooks.example", "10.0.0.5:8080"]);
+        assert_eq!(on.manager.callbacks.check("http://crm.example/other"), Ok(()), "the default URL's host");
+        assert!(!format!("{w:?}").contains("whsec"), "the secret is not in Debug");
+        assert_eq!(
+            with(&[("WEBHOOK_SECRET", "whsec-0123456789abcdef")]).unwrap().webhooks.unwrap().max_age,
+            Duration::from_secs(86_400)
+        );
+
+        for (vars, variable) in [
+            (&[("WEBHOOK_SECRET", "short")][..], "WEBHOOK_SECRET"),
+            (&[("WEBHOOK_DEFAULT_URL", "http://crm.example/")][..], "WEBHOOK_DEFAULT_URL"),
+            (
+                &[("WEBHOOK_SECRET", "whsec-0123456789abcdef"), ("WEBHOOK_DEFAULT_URL", "https://crm.example/")][..],
+                "WEBHOOK_DEFAULT_URL",
+            ),
+            (&[("WEBHOOK_ALLOWED_HOSTS", "a/b")][..], "WEBHOOK_ALLOWED_HOSTS"),
+            (&[("WEBHOOK_SECRET", "whsec-0123456789abcdef"), ("WEBHOOK_MAX_AGE", "5")][..], "WEBHOOK_MAX_AGE"),
+        ] {
+            assert_eq!(with(vars).unwrap_err().variable, variable, "{vars:?}");
+        }
+    }
 }
