@@ -53,8 +53,8 @@ pub struct CallBody {
     pub max_attempts: Option<MaxAttempts>,
     /// Where to POST the call's status changes (default: WEBHOOK_DEFAULT_URL, if set).
     pub status_callback: Option<CallbackUrl>,
-    /// The statuses to POST (default: answered, completed, failed).
-    #[schema(value_type = Option<Vec<StatusSchema>>)]
+    /// The statuses to POST, at least one (default: answered, completed, failed).
+    #[schema(value_type = Option<Vec<StatusSchema>>, min_items = 1)]
     pub status_callback_events: Option<Vec<CallStatus>>,
 }
 

@@ -100,6 +100,26 @@ impl CallbackPolicy {
         }
     }
 
+    /// Every host a callback may name with its port (`None`: any port): the allowed hosts,
+    /// then the default URL's host and port.
+    pub fn allowed_authorities(&self) -> Vec<(String, Option<u16>)> {
+        let mut all: Vec<(String, Option<u16>)> = self
+            .allowed_hosts
+            .iter()
+            .filter_map(|entry| {
+                let url = Url::parse(&format!("http://{entry}/")).ok()?;
+                let port = url.port().or_else(|| entry.ends_with(":80").then_some(80));
+                Some((url.host_str()?.to_owned(), port))
+            })
+            .collect();
+        if let Some(url) = self.default_url.as_deref().and_then(|d| Url::parse(d).ok()) {
+            if let Some(host) = url.host_str() {
+                all.push((host.to_owned(), url.port_or_known_default()));
+            }
+        }
+        all
+    }
+
     fn allows(&self, url: &Url) -> bool {
         let Some(host) = url.host_str() else { return false };
         let port = url.port_or_known_default().unwrap_or(80);
