@@ -326,3 +326,35 @@ async fn deleting_a_call_deletes_its_deliveries() {
         assert_eq!(store.outbox_depth().await.unwrap(), 2, "{name}");
     }
 }
+
+/// A receiver that is down (connection refused), then up but silent (the attempt times out),
+/// then answering: the delivery is retried through both and taken once it answers.
+#[tokio::test(start_paused = true)]
+async fn a_receiver_down_then_silent_then_back_gets_it() {
+    let spot = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = spot.local_addr().unwrap();
+    drop(spot);
+    let store: Arc<dyn CallStore> = Arc::new(MemoryCallStore::new());
+    let spec = CallSpec {
+        status_callback: Some(format!("http://{addr}/hook")),
+        status_callback_events: vec![CallStatus::Pending],
+        ..new_call("+15550000001")
+    };
+    let call = Call::new(CallId::new(), spec, now());
+    store.insert(&call).await.unwrap();
+    let (_stop, _registry, _task) = start(Arc::clone(&store), settings());
+
+    let refused = wait_until(&*store, call.call_id, |d| d.attempts >= 1).await;
+    assert!(refused.last_result.as_deref().unwrap().starts_with("cannot connect"), "{refused:?}");
+    assert_eq!(refused.state, DeliveryState::Pending);
+
+    // Back, but answering nothing: the attempt times out (5 s) and is retried.
+    let receiver =
+        Receiver::start_on(addr, |n, _| if n == 0 { Answer::Hang } else { Answer::Status(200) }).await.unwrap();
+    let done = wait_until(&*store, call.call_id, |d| d.state == DeliveryState::Delivered).await;
+    let got = receiver.received();
+    assert_eq!(got.len(), 2, "one silent attempt, one answered");
+    assert_eq!(done.attempts as usize, refused.attempts as usize + 2);
+    assert_eq!(done.last_result.as_deref(), Some("HTTP 200"));
+    assert_eq!(got[0].header("ivr-event-id"), got[1].header("ivr-event-id"));
+}

@@ -70,7 +70,15 @@ impl Drop for Receiver {
 impl Receiver {
     /// Listens on 127.0.0.1, port 0; `script(n, request)` answers the `n`th request (0-based).
     pub async fn start(script: impl Fn(usize, &Received) -> Answer + Send + Sync + 'static) -> std::io::Result<Self> {
-        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        Self::start_on("127.0.0.1:0".parse().expect("an address"), script).await
+    }
+
+    /// Listens on `addr` (a receiver restarted where it was).
+    pub async fn start_on(
+        addr: SocketAddr,
+        script: impl Fn(usize, &Received) -> Answer + Send + Sync + 'static,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             received: Mutex::default(),
