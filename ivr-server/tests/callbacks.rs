@@ -128,6 +128,19 @@ async fn each_selected_change_is_posted_signed_with_the_call_as_get_shows_it() {
         assert_eq!(delivery["last_result"], "HTTP 200");
         assert_eq!(delivery["url"], url.as_str());
     }
+    // Both calls' deliveries are taken: counted as sent, none left in the outbox.
+    let sent = format!("ivr_webhook_deliveries_total{{outcome=\"sent\"}} {}", changes.len() + 1);
+    within("the metrics", async {
+        loop {
+            let text = ivr_server::metrics::render(server.state.registry());
+            if text.contains(&sent) && text.contains("ivr_webhook_outbox_depth 0") {
+                assert!(text.contains("ivr_webhook_deliveries_total{outcome=\"failed\"} 0"), "{text}");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
     let (status, _, _) =
         send(auth(client().get(server.url(&format!("/api/v1/calls/{}/deliveries", uuid::Uuid::new_v4()))), &token))
             .await;
