@@ -36,5 +36,11 @@ mod tests {
         assert!(header.starts_with("t=1700000000,v1="), "{header}");
         assert_eq!(header.len(), "t=1700000000,v1=".len() + 64);
         assert_ne!(sign(b"k", 1_700_000_000, b"{}"), sign(b"k", 1_700_000_001, b"{}"), "the time is signed");
+        // What the README's Python check computes:
+        // hmac.new(b"whsec-readme", b'1700000000.{"id":"x"}', hashlib.sha256).hexdigest()
+        assert_eq!(
+            sign(b"whsec-readme", 1_700_000_000, br#"{"id":"x"}"#),
+            "47a0fd59d7a3bb9aef1ce731c6da7efa1d954143dcb785521edfdade646f3461"
+        );
     }
 }
