@@ -76,7 +76,7 @@ grep -E 'Requests/sec|Latency  ' "$LOGS/wrk.out" | sed 's/^/load: wrk: /' >&2
 say "waiting (at most ${SETTLE}s) until no call is active"
 deadline=$((SECONDS + SETTLE))
 while :; do
-  active=$(metric ivr_active_calls); queued=$(metric ivr_queued_calls)
+  active=$(metric ivr_active_calls); queued=$(metric ivr_calls_queued)
   [ "$active" = 0 ] && [ "$queued" = 0 ] && break
   [ $SECONDS -ge $deadline ] && { say "still $active active, $queued queued after ${SETTLE}s"; break; }
   sleep 1

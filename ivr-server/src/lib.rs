@@ -15,6 +15,7 @@
 //! - [`sse`], [`openapi`], [`metrics`]: the event stream, the generated API document and the
 //!   Swagger UI page, the Prometheus registry.
 //! - [`server`], [`conn`]: the accept loop with its bounds, and one connection's IO.
+//! - [`retention`]: ended calls deleted after CALL_RETENTION_DAYS, and `purge --before`.
 //! - [`settings`], [`cli`], [`logging`], [`app`]: configuration, subcommands, logs, assembly.
 
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub mod openapi;
 pub mod policy;
 pub mod problem;
 pub mod request;
+pub mod retention;
 pub mod router;
 pub mod server;
 pub mod settings;

@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ivr_core::ari::AriConfig;
+use ivr_core::manager::InstanceSettings;
 use ivr_core::webhook::{CallbackPolicy, WebhookSettings};
 use ivr_core::ManagerSettings;
 
@@ -117,6 +118,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub ari: AriConfig,
     pub manager: ManagerSettings,
+    /// Who this process is among several (INSTANCE_ID, INSTANCE_LEASE_SECONDS).
+    pub instance: InstanceSettings,
     pub listen_addr: SocketAddr,
     pub metrics_enabled: bool,
     pub docs_enabled: bool,
@@ -127,6 +130,8 @@ pub struct Settings {
     pub login: LoginLimits,
     pub trusted_proxies: TrustedProxies,
     pub policy: DestinationPolicy,
+    /// How long ended calls are kept (CALL_RETENTION_DAYS); `None` keeps them for ever.
+    pub call_retention: Option<Duration>,
     /// How status callbacks are signed and retried; `None` (no WEBHOOK_SECRET) sends none.
     pub webhooks: Option<WebhookSettings>,
 }
@@ -184,6 +189,21 @@ impl Settings {
         };
         let (callbacks, webhooks) = webhooks(&r)?;
         let manager = ManagerSettings { callbacks, ..manager };
+        let instance_id = match r.string("INSTANCE_ID")? {
+            Some(id) => id,
+            None => default_instance_id(),
+        };
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if instance_id.is_empty() || instance_id.len() > 64 || !instance_id.chars().all(valid) {
+            return Err(r.error(
+                "INSTANCE_ID",
+                "must be 1 to 64 letters, digits, '-', '_' or '.' (the host name is used when unset)",
+            ));
+        }
+        let instance = InstanceSettings {
+            instance_id,
+            lease_ttl: Duration::from_secs(r.number("INSTANCE_LEASE_SECONDS", 2, 3600)?.unwrap_or(15).into()),
+        };
         let listen = r.string("LISTEN_ADDR")?.unwrap_or_else(|| DEFAULT_LISTEN_ADDR.into());
         let listen_addr = listen
             .parse()
@@ -221,6 +241,7 @@ impl Settings {
             auth,
             ari,
             manager,
+            instance,
             listen_addr,
             metrics_enabled: r.flag("METRICS_ENABLED")?.unwrap_or(false),
             docs_enabled: r.flag("DOCS_ENABLED")?.unwrap_or(true),
@@ -231,6 +252,9 @@ impl Settings {
             login,
             trusted_proxies,
             policy,
+            call_retention: r
+                .number("CALL_RETENTION_DAYS", 1, 36_500)?
+                .map(|days| Duration::from_secs(u64::from(days) * 86_400)),
             webhooks,
         })
     }
@@ -323,6 +347,29 @@ impl DbSettings {
     }
 }
 
+/// The host name, made fit for an instance id: stable across restarts on one host (or of one
+/// container), and different between hosts. Two instances on one host need INSTANCE_ID.
+fn default_instance_id() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates what fits.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = if ok {
+        String::from_utf8_lossy(buf.split(|b| *b == 0).next().unwrap_or(&[])).into_owned()
+    } else {
+        String::new()
+    };
+    let name: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "ivr".into()
+    } else {
+        name
+    }
+}
+
 struct Reader<'a, S>(&'a S);
 
 impl<S: Source> Reader<'_, S> {
@@ -380,12 +427,35 @@ mod tests {
         assert_eq!(s.connections.header_read_timeout, Duration::from_secs(10));
         assert_eq!(s.login, LoginLimits::default());
         assert!(s.trusted_proxies.is_empty() && !s.policy.is_set());
+        assert_eq!(s.call_retention, None, "retention is off by default");
         assert_eq!((s.manager.max_calls_per_second, s.manager.max_queued_calls), (10, 1000));
         let unpaced = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("MAX_CALLS_PER_SECOND", "0")]).unwrap();
         assert_eq!(unpaced.manager.max_calls_per_second, 0, "0 lifts the limit");
         assert_eq!(s.ari.max_connections, 20);
         let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("ARI_MAX_CONNECTIONS", "50")]).unwrap();
         assert_eq!(s.ari.max_connections, 50);
+    }
+
+    #[test]
+    fn instance_id_defaults_to_the_host_name_and_is_checked() {
+        let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")]).unwrap();
+        assert_eq!(s.instance.instance_id, default_instance_id());
+        assert_eq!(s.instance.lease_ttl, Duration::from_secs(15));
+        assert!(!s.instance.instance_id.is_empty());
+        let again = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")]).unwrap();
+        assert_eq!(again.instance.instance_id, s.instance.instance_id, "stable from one start to the next");
+        let s = load(&[
+            ("SECRET_KEY", KEY),
+            ("ARI_PASSWORD", "pw"),
+            ("INSTANCE_ID", "ivr-2"),
+            ("INSTANCE_LEASE_SECONDS", "3"),
+        ])
+        .unwrap();
+        assert_eq!((s.instance.instance_id.as_str(), s.instance.lease_ttl), ("ivr-2", Duration::from_secs(3)));
+        for bad in ["a/b", "two words", &"x".repeat(65)] {
+            let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("INSTANCE_ID", bad)]).unwrap_err();
+            assert_eq!(e.variable, "INSTANCE_ID");
+        }
     }
 
     #[test]
@@ -398,8 +468,10 @@ mod tests {
             ("TRUSTED_PROXIES", "10.0.0.0/8"),
             ("MAX_CONNECTIONS", "5"),
             ("LOGIN_SLOWDOWN_MS", "0"),
+            ("CALL_RETENTION_DAYS", "90"),
         ])
         .unwrap();
+        assert_eq!(s.call_retention, Some(Duration::from_secs(90 * 86_400)));
         assert_eq!(s.policy.denied(), ["+1900", "+1976"]);
         assert_eq!(s.policy.allowed(), ["+1"]);
         assert_eq!(s.trusted_proxies.to_string(), "10.0.0.0/8");
@@ -443,6 +515,9 @@ mod tests {
             ("LOGIN_USER_FORGIVE_SECONDS", "x"),
             ("LOGIN_SLOWDOWN_MS", "60001"),
             ("ARI_MAX_CONNECTIONS", "1"),
+            ("INSTANCE_LEASE_SECONDS", "1"),
+            ("CALL_RETENTION_DAYS", "0"),
+            ("CALL_RETENTION_DAYS", "ninety"),
         ] {
             let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), (var, bad)]).unwrap_err();
             assert_eq!(e.variable, var, "{e}");

@@ -26,9 +26,12 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use time::{Duration, OffsetDateTime};
 
 use super::{Applied, CallQuery, CallStore};
+
+mod retention;
 use crate::call::{Call, CallId, CallSpec, CallStatus, FailureReason, Hangup, Ignored, PhoneNumber, Step, Transition};
 use crate::error::{Conflict, Error};
 use crate::webhook::{Attempt, DeliveryState};
+pub use retention::{purge_deletes_only_calls_ended_before_the_cutoff, purge_goes_in_batches_oldest_first};
 
 /// A fresh store for one check, with whatever must live as long as it (a temp dir, say).
 pub struct Fixture {
@@ -78,6 +81,9 @@ macro_rules! call_store_conformance {
             active_calls_are_listed,
             outbox_is_written_with_the_transition,
             racing_claimers_each_delivery_once,
+            purging_a_call_purges_its_deliveries,
+            purge_deletes_only_calls_ended_before_the_cutoff,
+            purge_goes_in_batches_oldest_first,
         );
     };
     (@checks $factory:path; $($check:ident),* $(,)?) => {
@@ -593,4 +599,24 @@ pub async fn racing_claimers_each_delivery_once(store: Arc<dyn CallStore>) {
     }
     assert_eq!(seen.len(), expected.len(), "no delivery claimed twice");
     assert_eq!(seen.into_iter().collect::<HashSet<_>>(), expected);
+}
+
+/// Retention: purging an ended call deletes its status callbacks with it, pending ones too;
+/// the deliveries of a call that is kept stay.
+pub async fn purging_a_call_purges_its_deliveries(store: Arc<dyn CallStore>) {
+    let events = [CallStatus::Pending, CallStatus::Failed];
+    let old = Call::new(CallId::new(), watched("+15550000001", &events), instant(0));
+    let kept = Call::new(CallId::new(), watched("+15550000002", &events), instant(0));
+    for call in [&old, &kept] {
+        store.insert(call).await.unwrap();
+    }
+    store.apply(old.call_id, &step(ended(FailureReason::Rejected), "rejected", 10)).await.unwrap();
+    assert_eq!(store.deliveries(old.call_id).await.unwrap().len(), 2);
+    assert_eq!(store.outbox_depth().await.unwrap(), 3);
+    assert_eq!(store.purge_ended(instant(1_000)).await.unwrap(), 1);
+    assert!(store.deliveries(old.call_id).await.unwrap().is_empty(), "purged with the call");
+    assert_eq!(store.deliveries(kept.call_id).await.unwrap().len(), 1);
+    assert_eq!(store.outbox_depth().await.unwrap(), 1);
+    let claimed = store.claim_deliveries(instant(2_000), instant(3_000), 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|d| d.call_id).collect::<Vec<_>>(), [kept.call_id]);
 }

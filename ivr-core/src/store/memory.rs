@@ -1,4 +1,6 @@
 //! The in-memory store: what DISABLE_DB mode runs on. Nothing survives the process.
+//!
+//! A purge takes at most one batch per write lock, so readers get in between batches.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::RwLock;
@@ -26,7 +28,9 @@ struct Inner {
     by_key: HashMap<String, CallId>,
     /// (created_at µs, id) of every call: the list order.
     order: BTreeSet<(i64, CallId)>,
-    /// Each call's status-callback deliveries, oldest first, with their leases. Removing a
+    /// (ended_at µs, id) of every terminal call: the purge order.
+    ended: BTreeSet<(i64, CallId)>,
+    /// Each call's status-callback deliveries, oldest first, with their leases. Purging a
     /// call removes its entry here too.
     outbox: HashMap<CallId, Vec<Outboxed>>,
     /// The call of each delivery.
@@ -40,6 +44,14 @@ struct Outboxed {
 }
 
 impl Inner {
+    /// Files `call` under its end, once it has one.
+    fn note_end(&mut self, call: &Call) {
+        if let (true, Some(at)) = (call.is_completed(), call.ended_at) {
+            self.ended.insert((micros(at), call.call_id));
+        }
+    }
+
+    /// Writes the outbox rows of `call.history[from..]`.
     fn enqueue(&mut self, call: &Call, from: usize) {
         for delivery in outbox_entries(call, from) {
             self.event_calls.insert(delivery.event_id, call.call_id);
@@ -80,6 +92,7 @@ impl CallStore for MemoryCallStore {
             inner.by_key.insert(key.clone(), call.call_id);
         }
         inner.order.insert((micros(call.created_at), call.call_id));
+        inner.note_end(call);
         inner.calls.insert(call.call_id, call.clone());
         inner.enqueue(call, 0);
         Ok(())
@@ -98,14 +111,15 @@ impl CallStore for MemoryCallStore {
         let mut inner = self.write();
         let call = inner.calls.get_mut(&call_id).ok_or(Error::NotFound(call_id))?;
         let from = call.history.len();
-        Ok(match call.apply(transition) {
-            Ok(()) => {
-                let call = call.clone();
-                inner.enqueue(&call, from);
-                Applied::Changed(call)
-            }
+        let applied = match call.apply(transition) {
+            Ok(()) => Applied::Changed(call.clone()),
             Err(why) => Applied::Ignored { call: call.clone(), why },
-        })
+        };
+        if let Applied::Changed(call) = &applied {
+            inner.note_end(call);
+            inner.enqueue(call, from);
+        }
+        Ok(applied)
     }
 
     async fn list(&self, query: &CallQuery) -> Result<CallPage> {
@@ -172,6 +186,26 @@ impl CallStore for MemoryCallStore {
         let inner = self.read();
         let pending = inner.outbox.values().flatten().filter(|o| o.delivery.state == DeliveryState::Pending);
         Ok(pending.count() as u64)
+    }
+
+    async fn purge_ended_batch(&self, before: time::OffsetDateTime, limit: usize) -> Result<usize> {
+        let mut inner = self.write();
+        let due: Vec<(i64, CallId)> =
+            inner.ended.range(..(micros(before), CallId::from_uuid(uuid::Uuid::nil()))).take(limit).copied().collect();
+        for entry in &due {
+            inner.ended.remove(entry);
+            if let Some(call) = inner.calls.remove(&entry.1) {
+                inner.order.remove(&(micros(call.created_at), call.call_id));
+                if let Some(key) = &call.spec.idempotency_key {
+                    inner.by_key.remove(key);
+                }
+            }
+            // Its status callbacks go with it.
+            for gone in inner.outbox.remove(&entry.1).into_iter().flatten() {
+                inner.event_calls.remove(&gone.delivery.event_id);
+            }
+        }
+        Ok(due.len())
     }
 
     async fn ping(&self) -> Result<()> {

@@ -4,6 +4,9 @@
 //! - [`SqlCallStore`]: SQLite (the embedded default, one file in WAL mode) or PostgreSQL
 //!   (production), through sqlx with embedded migrations and runtime-checked queries.
 //!
+//! - [`Leases`] (`lease.rs`): beside the calls in a SQL database, the leases of running
+//!   processes and which one follows each call (several instances over PostgreSQL).
+//!
 //! Every implementation runs the same conformance suite (`conformance`, feature `testing`).
 
 use std::fmt;
@@ -17,6 +20,7 @@ use crate::error::Result;
 use crate::webhook::{Attempt, Delivery};
 use uuid::Uuid;
 
+pub mod lease;
 mod memory;
 mod outbox;
 mod sql;
@@ -24,6 +28,7 @@ mod sql;
 #[cfg(feature = "testing")]
 pub mod conformance;
 
+pub use lease::{Lease, Leases};
 pub use memory::MemoryCallStore;
 pub use sql::{EmbeddedMigrations, SqlCallStore};
 
@@ -51,7 +56,15 @@ pub use sql::{EmbeddedMigrations, SqlCallStore};
 ///   [`claim_deliveries`](CallStore::claim_deliveries) hands out due deliveries, each to one
 ///   claimer until its lease ends, and never a call's delivery while an earlier one of the same
 ///   call is pending (order per call); [`record_attempt`](CallStore::record_attempt) stores an
-///   attempt and ends the lease. A call's deliveries go with the call when it is deleted.
+///   attempt and ends the lease. A call's deliveries go with the call when it is deleted (purged).
+/// - [`purge_ended_batch`](CallStore::purge_ended_batch) deletes ended calls for retention:
+///   only terminal calls (`completed`, `failed`) whose `ended_at` is strictly before the
+///   cutoff, each with its whole history, oldest `ended_at` first, at most `limit` of them in
+///   one short step (one transaction on SQL, one lock on memory), and returns how many it
+///   deleted. An active call is never deleted, whatever the cutoff. A purged call is gone:
+///   `get` answers `None`, it is in no listing, and its idempotency key is free again (a
+///   request repeating it makes a new call). [`purge_ended`](CallStore::purge_ended) repeats
+///   batches of [`PURGE_BATCH`] until one comes back short.
 /// - Failures to reach the backing database are
 ///   [`Error::StoreUnavailable`](crate::Error::StoreUnavailable).
 #[async_trait]
@@ -87,9 +100,34 @@ pub trait CallStore: Send + Sync + 'static {
     /// Deliveries still pending, for the outbox-depth metric.
     async fn outbox_depth(&self) -> Result<u64>;
 
+    /// Deletes at most `limit` terminal calls that ended before `before`, with their
+    /// history, in one short step; returns how many (see the contract above).
+    async fn purge_ended_batch(&self, before: OffsetDateTime, limit: usize) -> Result<usize>;
+
+    /// Deletes every terminal call that ended before `before`, with its history, in batches
+    /// of [`PURGE_BATCH`] so that no lock or transaction is held long; returns how many. A
+    /// failure part way leaves the batches before it deleted (running it again goes on).
+    async fn purge_ended(&self, before: OffsetDateTime) -> Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = self.purge_ended_batch(before, PURGE_BATCH).await?;
+            total += n as u64;
+            if n < PURGE_BATCH {
+                return Ok(total);
+            }
+            // Let the requests waiting behind this batch in first.
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Cheap reachability check, for readiness probes.
     async fn ping(&self) -> Result<()>;
 }
+
+/// Calls deleted per step of [`CallStore::purge_ended`]: small enough that SQLite's writer
+/// lock and a PostgreSQL transaction are held for milliseconds, large enough to purge a
+/// million calls in a thousand steps.
+pub const PURGE_BATCH: usize = 1_000;
 
 /// The result of [`CallStore::apply`]: the call as it now stands, and whether it changed.
 #[derive(Clone, Debug, PartialEq)]
