@@ -10,6 +10,7 @@ use futures_util::future::join_all;
 use ivr_core::ari::{AriClient, AriConfig, ChannelState, EventStream, OriginateRequest, OriginateTarget, StreamItem};
 use ivr_core::fake::{CalleePlan, FakeAsterisk, FakeConfig};
 use ivr_core::store::conformance::{new_call, postgres_in_fresh_schema};
+use ivr_core::webhook::{Attempt, Delivery};
 use ivr_core::{
     Call, CallManager, CallRequest, CallStatus, CallStore, Error, FailureReason, ManagerSettings, MemoryCallStore,
     PhoneNumber, SqlCallStore, Step, Transition,
@@ -599,6 +600,23 @@ impl CallStore for FlakyStore {
     async fn ping(&self) -> ivr_core::Result<()> {
         self.inner.ping().await
     }
+    async fn deliveries(&self, call_id: ivr_core::CallId) -> ivr_core::Result<Vec<Delivery>> {
+        self.inner.deliveries(call_id).await
+    }
+    async fn claim_deliveries(
+        &self,
+        now: time::OffsetDateTime,
+        lease_until: time::OffsetDateTime,
+        limit: usize,
+    ) -> ivr_core::Result<Vec<Delivery>> {
+        self.inner.claim_deliveries(now, lease_until, limit).await
+    }
+    async fn record_attempt(&self, event_id: uuid::Uuid, attempt: &Attempt) -> ivr_core::Result<()> {
+        self.inner.record_attempt(event_id, attempt).await
+    }
+    async fn outbox_depth(&self) -> ivr_core::Result<u64> {
+        self.inner.outbox_depth().await
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -749,6 +767,23 @@ impl CallStore for SlowListing {
     }
     async fn ping(&self) -> ivr_core::Result<()> {
         self.inner.ping().await
+    }
+    async fn deliveries(&self, call_id: ivr_core::CallId) -> ivr_core::Result<Vec<Delivery>> {
+        self.inner.deliveries(call_id).await
+    }
+    async fn claim_deliveries(
+        &self,
+        now: time::OffsetDateTime,
+        lease_until: time::OffsetDateTime,
+        limit: usize,
+    ) -> ivr_core::Result<Vec<Delivery>> {
+        self.inner.claim_deliveries(now, lease_until, limit).await
+    }
+    async fn record_attempt(&self, event_id: uuid::Uuid, attempt: &Attempt) -> ivr_core::Result<()> {
+        self.inner.record_attempt(event_id, attempt).await
+    }
+    async fn outbox_depth(&self) -> ivr_core::Result<u64> {
+        self.inner.outbox_depth().await
     }
 }
 

@@ -90,6 +90,8 @@ pub struct App {
     pub call_drain: Duration,
     /// The retention task's handle, with CALL_RETENTION_DAYS.
     pub retention: Option<Retention>,
+    /// The status-callback worker (with WEBHOOK_SECRET), run beside the event loop.
+    pub webhooks: Option<ivr_core::webhook::Worker>,
 }
 
 impl App {
@@ -134,6 +136,17 @@ impl App {
             trusted_proxies: settings.trusted_proxies.clone(),
             policy: settings.policy.clone(),
         };
+        // Its own task, fed by the store's outbox only: a slow receiver never slows the calls.
+        let webhooks = match &settings.webhooks {
+            Some(w) => Some(
+                ivr_core::webhook::Worker::new(Arc::clone(&stores.calls), w.clone(), &registry)
+                    .map_err(StartError::Metrics)?
+                    .with_render(Arc::new(|call| {
+                        serde_json::to_value(crate::view::CallView::from(call)).unwrap_or_default()
+                    })),
+            ),
+            None => None,
+        };
         let retention = settings
             .call_retention
             .map(|keep| Retention::new(Arc::clone(&stores.calls), keep, &registry))
@@ -141,7 +154,7 @@ impl App {
             .map_err(StartError::Metrics)?;
         let state = AppState::new(manager, stores.users.clone(), Tokens::new(&settings.auth), registry, options)
             .map_err(StartError::Metrics)?;
-        Ok(App { state, stores, call_drain: settings.call_drain, retention })
+        Ok(App { state, stores, call_drain: settings.call_drain, retention, webhooks })
     }
 
     pub fn manager(&self) -> &CallManager {
@@ -166,6 +179,7 @@ impl App {
             shutdown.await;
             on_signal.send_replace(true);
         });
+        let webhooks = self.webhooks.clone().map(|worker| tokio::spawn(worker.run(until_stopped(stopped.clone()))));
         let follow =
             tokio::spawn(crate::follow_calls(self.manager().clone(), until_stopped(stopped.clone()), self.call_drain));
         let engine_stopped = tokio::spawn(async move {
@@ -177,6 +191,9 @@ impl App {
         let retention = self.retention.clone().map(|r| tokio::spawn(r.run(until_stopped(stopped.clone()))));
         let served = crate::serve(listener, self.state.clone(), until_stopped(stopped)).await;
         let _ = engine_stopped.await;
+        if let Some(webhooks) = webhooks {
+            let _ = webhooks.await;
+        }
         if let Some(retention) = retention {
             let _ = retention.await;
         }

@@ -115,7 +115,7 @@ impl AppState {
         let guard_metrics = metrics::GuardMetrics::register(&registry)?;
         let throttle = throttle::LoginThrottle::new(options.login.clone(), guard_metrics.login_throttled.clone());
         let (closing, _) = watch::channel(false);
-        let openapi = openapi::document_json(manager.settings().max_attempts).into();
+        let openapi = openapi::document_json_for(manager.settings()).into();
         let inner = Inner {
             manager,
             users,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use ivr_core::ari::AriConfig;
 use ivr_core::manager::InstanceSettings;
+use ivr_core::webhook::{CallbackPolicy, WebhookSettings};
 use ivr_core::ManagerSettings;
 
 use crate::client::TrustedProxies;
@@ -131,6 +132,8 @@ pub struct Settings {
     pub policy: DestinationPolicy,
     /// How long ended calls are kept (CALL_RETENTION_DAYS); `None` keeps them for ever.
     pub call_retention: Option<Duration>,
+    /// How status callbacks are signed and retried; `None` (no WEBHOOK_SECRET) sends none.
+    pub webhooks: Option<WebhookSettings>,
 }
 
 impl Settings {
@@ -184,6 +187,8 @@ impl Settings {
                 .map_or(defaults.originate_retry_window, |n| Duration::from_secs(n.into())),
             ..defaults
         };
+        let (callbacks, webhooks) = webhooks(&r)?;
+        let manager = ManagerSettings { callbacks, ..manager };
         let instance_id = match r.string("INSTANCE_ID")? {
             Some(id) => id,
             None => default_instance_id(),
@@ -250,8 +255,51 @@ impl Settings {
             call_retention: r
                 .number("CALL_RETENTION_DAYS", 1, 36_500)?
                 .map(|days| Duration::from_secs(u64::from(days) * 86_400)),
+            webhooks,
         })
     }
+}
+
+/// The shortest WEBHOOK_SECRET accepted.
+pub const MIN_WEBHOOK_SECRET_BYTES: usize = 16;
+
+/// The status-callback settings: which URLs calls may name, and how deliveries are sent.
+fn webhooks<S: Source>(r: &Reader<'_, S>) -> Result<(CallbackPolicy, Option<WebhookSettings>), SettingsError> {
+    let secret = r.string("WEBHOOK_SECRET")?;
+    if secret.as_ref().is_some_and(|s| s.len() < MIN_WEBHOOK_SECRET_BYTES) {
+        return Err(r.error(
+            "WEBHOOK_SECRET",
+            &format!(
+                "is too short: at least {MIN_WEBHOOK_SECRET_BYTES} bytes are needed (e.g. `openssl rand -hex 32`)"
+            ),
+        ));
+    }
+    let mut allowed_hosts = Vec::new();
+    for entry in r.string("WEBHOOK_ALLOWED_HOSTS")?.unwrap_or_default().split(',').filter(|e| !e.trim().is_empty()) {
+        allowed_hosts
+            .push(CallbackPolicy::parse_host(entry).map_err(|e| r.error("WEBHOOK_ALLOWED_HOSTS", &e.to_string()))?);
+    }
+    let default_url = r.string("WEBHOOK_DEFAULT_URL")?;
+    let policy = CallbackPolicy { enabled: secret.is_some(), default_url: default_url.clone(), allowed_hosts };
+    if let Some(url) = &default_url {
+        if secret.is_none() {
+            return Err(r.error("WEBHOOK_DEFAULT_URL", "needs WEBHOOK_SECRET: every status callback is signed"));
+        }
+        // The URL may hold a token: it is not repeated.
+        policy
+            .check(url)
+            .map_err(|problem| r.error("WEBHOOK_DEFAULT_URL", &problem.replace("status_callback", "the URL")))?;
+    }
+    let d = WebhookSettings::default();
+    let settings = secret.map(|secret| -> Result<WebhookSettings, SettingsError> {
+        Ok(WebhookSettings {
+            secret: secret.into_bytes(),
+            timeout: r.number("WEBHOOK_TIMEOUT", 1, 300)?.map_or(d.timeout, |n| Duration::from_secs(n.into())),
+            max_age: r.number("WEBHOOK_MAX_AGE", 60, 30 * 86_400)?.map_or(d.max_age, |n| Duration::from_secs(n.into())),
+            ..d
+        })
+    });
+    Ok((policy, settings.transpose()?))
 }
 
 impl AuthSettings {
@@ -495,5 +543,43 @@ mod tests {
     fn disable_db_drops_the_url() {
         let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("DISABLE_DB", "true")]).unwrap();
         assert!(s.db.database_url.is_none());
+    }
+
+    #[test]
+    fn webhooks() {
+        let base = [("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")];
+        let with = |extra: &[(&str, &str)]| load(&[&base[..], extra].concat());
+        let off = with(&[]).unwrap();
+        assert!(off.webhooks.is_none() && !off.manager.callbacks.enabled);
+
+        let on = with(&[
+            ("WEBHOOK_SECRET", "whsec-0123456789abcdef"),
+            ("WEBHOOK_ALLOWED_HOSTS", " Hooks.Example , 10.0.0.5:8080 ,"),
+            ("WEBHOOK_DEFAULT_URL", "http://crm.example/ivr"),
+            ("WEBHOOK_MAX_AGE", "3600"),
+        ])
+        .unwrap();
+        let w = on.webhooks.expect("enabled by the secret");
+        assert_eq!((w.max_age, w.timeout), (Duration::from_secs(3600), Duration::from_secs(10)));
+        assert_eq!(on.manager.callbacks.allowed_hosts, ["hooks.example", "10.0.0.5:8080"]);
+        assert_eq!(on.manager.callbacks.check("http://crm.example/other"), Ok(()), "the default URL's host");
+        assert!(!format!("{w:?}").contains("whsec"), "the secret is not in Debug");
+        assert_eq!(
+            with(&[("WEBHOOK_SECRET", "whsec-0123456789abcdef")]).unwrap().webhooks.unwrap().max_age,
+            Duration::from_secs(86_400)
+        );
+
+        for (vars, variable) in [
+            (&[("WEBHOOK_SECRET", "short")][..], "WEBHOOK_SECRET"),
+            (&[("WEBHOOK_DEFAULT_URL", "http://crm.example/")][..], "WEBHOOK_DEFAULT_URL"),
+            (
+                &[("WEBHOOK_SECRET", "whsec-0123456789abcdef"), ("WEBHOOK_DEFAULT_URL", "https://crm.example/")][..],
+                "WEBHOOK_DEFAULT_URL",
+            ),
+            (&[("WEBHOOK_ALLOWED_HOSTS", "a/b")][..], "WEBHOOK_ALLOWED_HOSTS"),
+            (&[("WEBHOOK_SECRET", "whsec-0123456789abcdef"), ("WEBHOOK_MAX_AGE", "5")][..], "WEBHOOK_MAX_AGE"),
+        ] {
+            assert_eq!(with(vars).unwrap_err().variable, variable, "{vars:?}");
+        }
     }
 }

@@ -97,6 +97,8 @@ pub struct ManagerSettings {
     pub answered_silence: Duration,
     /// How often deadlines are checked.
     pub sweep_interval: Duration,
+    /// Which status callbacks a call may ask for (off by default).
+    pub callbacks: crate::webhook::CallbackPolicy,
 }
 
 impl Default for ManagerSettings {
@@ -117,6 +119,7 @@ impl Default for ManagerSettings {
             ring_grace: Duration::from_secs(30),
             answered_silence: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(5),
+            callbacks: crate::webhook::CallbackPolicy::default(),
         }
     }
 }

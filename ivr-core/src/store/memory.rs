@@ -7,9 +7,13 @@ use std::sync::RwLock;
 
 use async_trait::async_trait;
 
+use time::OffsetDateTime;
+use uuid::Uuid;
+
 use super::{micros, Applied, CallPage, CallQuery, CallStore};
 use crate::call::{Call, CallId, Transition};
 use crate::error::{Conflict, Error, Result};
+use crate::webhook::{outbox_entries, Attempt, Delivery, DeliveryState};
 
 /// A [`CallStore`] in a map behind one lock. Every operation is a short critical section
 /// with no await inside, so a plain `std` lock is the right tool.
@@ -26,6 +30,17 @@ struct Inner {
     order: BTreeSet<(i64, CallId)>,
     /// (ended_at µs, id) of every terminal call: the purge order.
     ended: BTreeSet<(i64, CallId)>,
+    /// Each call's status-callback deliveries, oldest first, with their leases. Purging a
+    /// call removes its entry here too.
+    outbox: HashMap<CallId, Vec<Outboxed>>,
+    /// The call of each delivery.
+    event_calls: HashMap<Uuid, CallId>,
+}
+
+#[derive(Debug)]
+struct Outboxed {
+    delivery: Delivery,
+    lease_until: Option<OffsetDateTime>,
 }
 
 impl Inner {
@@ -33,6 +48,14 @@ impl Inner {
     fn note_end(&mut self, call: &Call) {
         if let (true, Some(at)) = (call.is_completed(), call.ended_at) {
             self.ended.insert((micros(at), call.call_id));
+        }
+    }
+
+    /// Writes the outbox rows of `call.history[from..]`.
+    fn enqueue(&mut self, call: &Call, from: usize) {
+        for delivery in outbox_entries(call, from) {
+            self.event_calls.insert(delivery.event_id, call.call_id);
+            self.outbox.entry(call.call_id).or_default().push(Outboxed { delivery, lease_until: None });
         }
     }
 }
@@ -71,6 +94,7 @@ impl CallStore for MemoryCallStore {
         inner.order.insert((micros(call.created_at), call.call_id));
         inner.note_end(call);
         inner.calls.insert(call.call_id, call.clone());
+        inner.enqueue(call, 0);
         Ok(())
     }
 
@@ -86,12 +110,14 @@ impl CallStore for MemoryCallStore {
     async fn apply(&self, call_id: CallId, transition: &Transition) -> Result<Applied> {
         let mut inner = self.write();
         let call = inner.calls.get_mut(&call_id).ok_or(Error::NotFound(call_id))?;
+        let from = call.history.len();
         let applied = match call.apply(transition) {
             Ok(()) => Applied::Changed(call.clone()),
             Err(why) => Applied::Ignored { call: call.clone(), why },
         };
         if let Applied::Changed(call) = &applied {
             inner.note_end(call);
+            inner.enqueue(call, from);
         }
         Ok(applied)
     }
@@ -111,6 +137,57 @@ impl CallStore for MemoryCallStore {
         Ok(self.read().calls.values().filter(|c| c.is_active()).cloned().collect())
     }
 
+    async fn deliveries(&self, call_id: CallId) -> Result<Vec<Delivery>> {
+        let inner = self.read();
+        Ok(inner.outbox.get(&call_id).map(|all| all.iter().map(|o| o.delivery.clone()).collect()).unwrap_or_default())
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        let mut inner = self.write();
+        let mut due: Vec<&mut Outboxed> = inner
+            .outbox
+            .values_mut()
+            .filter_map(|all| all.iter_mut().find(|o| o.delivery.state == DeliveryState::Pending))
+            .filter(|o| o.delivery.next_attempt_at <= now && o.lease_until.is_none_or(|l| l <= now))
+            .collect();
+        due.sort_by_key(|o| o.delivery.next_attempt_at);
+        Ok(due
+            .into_iter()
+            .take(limit)
+            .map(|o| {
+                o.lease_until = Some(lease_until);
+                o.delivery.clone()
+            })
+            .collect())
+    }
+
+    async fn record_attempt(&self, event_id: Uuid, attempt: &Attempt) -> Result<()> {
+        let mut inner = self.write();
+        let Some(call_id) = inner.event_calls.get(&event_id).copied() else { return Ok(()) };
+        let all = inner.outbox.get_mut(&call_id).into_iter().flatten();
+        if let Some(o) = all.into_iter().find(|o| o.delivery.event_id == event_id) {
+            o.lease_until = None;
+            let d = &mut o.delivery;
+            d.attempts += 1;
+            d.state = attempt.state;
+            d.next_attempt_at = attempt.next_attempt_at;
+            d.last_attempt_at = Some(attempt.at);
+            d.last_result = Some(attempt.result.clone());
+        }
+        Ok(())
+    }
+
+    async fn outbox_depth(&self) -> Result<u64> {
+        let inner = self.read();
+        let pending = inner.outbox.values().flatten().filter(|o| o.delivery.state == DeliveryState::Pending);
+        Ok(pending.count() as u64)
+    }
+
     async fn purge_ended_batch(&self, before: time::OffsetDateTime, limit: usize) -> Result<usize> {
         let mut inner = self.write();
         let due: Vec<(i64, CallId)> =
@@ -122,6 +199,10 @@ impl CallStore for MemoryCallStore {
                 if let Some(key) = &call.spec.idempotency_key {
                     inner.by_key.remove(key);
                 }
+            }
+            // Its status callbacks go with it.
+            for gone in inner.outbox.remove(&entry.1).into_iter().flatten() {
+                inner.event_calls.remove(&gone.delivery.event_id);
             }
         }
         Ok(due.len())

@@ -17,9 +17,12 @@ use time::OffsetDateTime;
 
 use crate::call::{Call, CallId, CallStatus, Ignored, PhoneNumber, Transition};
 use crate::error::Result;
+use crate::webhook::{Attempt, Delivery};
+use uuid::Uuid;
 
 pub mod lease;
 mod memory;
+mod outbox;
 mod sql;
 
 #[cfg(feature = "testing")]
@@ -46,6 +49,14 @@ pub use sql::{EmbeddedMigrations, SqlCallStore};
 ///   matching call exactly once, even while new calls are inserted.
 /// - [`list_active`](CallStore::list_active) returns every call that is not terminal, for
 ///   reconciliation after a fault.
+/// - The outbox of status callbacks: [`insert`](CallStore::insert) and
+///   [`apply`](CallStore::apply) store the [`outbox_entries`](crate::webhook::outbox_entries)
+///   of the entries they add to a call's history *in the same transaction* as the call, so a
+///   stored change is always told and a change not stored never is.
+///   [`claim_deliveries`](CallStore::claim_deliveries) hands out due deliveries, each to one
+///   claimer until its lease ends, and never a call's delivery while an earlier one of the same
+///   call is pending (order per call); [`record_attempt`](CallStore::record_attempt) stores an
+///   attempt and ends the lease. A call's deliveries go with the call when it is deleted (purged).
 /// - [`purge_ended_batch`](CallStore::purge_ended_batch) deletes ended calls for retention:
 ///   only terminal calls (`completed`, `failed`) whose `ended_at` is strictly before the
 ///   cutoff, each with its whole history, oldest `ended_at` first, at most `limit` of them in
@@ -69,6 +80,25 @@ pub trait CallStore: Send + Sync + 'static {
     async fn list(&self, query: &CallQuery) -> Result<CallPage>;
 
     async fn list_active(&self) -> Result<Vec<Call>>;
+
+    /// The status-callback deliveries of a call, oldest first (empty for an unknown call).
+    async fn deliveries(&self, call_id: CallId) -> Result<Vec<Delivery>>;
+
+    /// Up to `limit` deliveries due at `now` (pending, `next_attempt_at <= now`, not leased
+    /// past `now`, and the first pending one of their call), oldest due first, each leased to
+    /// this caller until `lease_until`.
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Delivery>>;
+
+    /// Stores the outcome of an attempt at `event_id` (one more attempt) and ends its lease.
+    async fn record_attempt(&self, event_id: Uuid, attempt: &Attempt) -> Result<()>;
+
+    /// Deliveries still pending, for the outbox-depth metric.
+    async fn outbox_depth(&self) -> Result<u64>;
 
     /// Deletes at most `limit` terminal calls that ended before `before`, with their
     /// history, in one short step; returns how many (see the contract above).

@@ -22,9 +22,11 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, AnyPool, Executor, Row};
 use time::OffsetDateTime;
 
+use super::outbox;
 use super::{from_micros, micros, Applied, CallPage, CallQuery, CallStore};
 use crate::call::{Call, CallId, CallSpec, CallStatus, Hangup, Transition, TransitionRecord};
 use crate::error::{Conflict, Error, Result};
+use crate::webhook::{outbox_entries, Attempt, Delivery};
 
 /// Longest a single store operation may take before it is reported as unavailable.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -39,6 +41,7 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[
     (2, "sent_at", include_str!("../../migrations/0002_sent_at.sql")),
     (3, "ended_at", include_str!("../../migrations/0003_ended_at.sql")),
     (4, "instances", include_str!("../../migrations/0004_instances.sql")),
+    (5, "status_callbacks", include_str!("../../migrations/0005_status_callbacks.sql")),
 ];
 
 /// A [`CallStore`] on SQLite or PostgreSQL. Cheap to clone: it is a connection pool handle.
@@ -184,6 +187,7 @@ impl SqlCallStore {
             return Ok(None);
         }
         insert_history(&mut tx, &next, current.history.len()).await.map_err(unavailable)?;
+        outbox::insert(&mut tx, &outbox_entries(&next, current.history.len())).await.map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(Some(Applied::Changed(next)))
     }
@@ -194,6 +198,7 @@ impl SqlCallStore {
         let query = bind_spec(query, &call.spec).bind(micros(call.created_at));
         bind_state(query, call).bind(self.owner.as_deref()).execute(&mut *tx).await?;
         insert_history(&mut tx, call, 0).await?;
+        outbox::insert(&mut tx, &outbox_entries(call, 0)).await?;
         tx.commit().await
     }
 
@@ -326,6 +331,27 @@ impl CallStore for SqlCallStore {
         .await
     }
 
+    async fn deliveries(&self, call_id: CallId) -> Result<Vec<Delivery>> {
+        bounded(outbox::of_call(&self.pool, call_id)).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        bounded(outbox::claim(&self.pool, now, lease_until, limit)).await
+    }
+
+    async fn record_attempt(&self, event_id: uuid::Uuid, attempt: &Attempt) -> Result<()> {
+        bounded(outbox::record(&self.pool, event_id, attempt)).await
+    }
+
+    async fn outbox_depth(&self) -> Result<u64> {
+        bounded(outbox::depth(&self.pool)).await
+    }
+
     async fn purge_ended_batch(&self, before: OffsetDateTime, limit: usize) -> Result<usize> {
         bounded(async {
             // Chosen outside the transaction: a terminal call never changes, so the ids stay
@@ -352,17 +378,18 @@ impl CallStore for SqlCallStore {
                     "SELECT call_id FROM calls WHERE {PURGEABLE} AND call_id IN ({})",
                     placeholders(2, chunk.len())
                 );
-                // The history first (SQLite applies the foreign key's cascade only when told
-                // to), of the same calls as the second statement deletes.
+                // The history and the status callbacks first (SQLite applies the foreign key's
+                // cascade only when told to), of the same calls as the last statement deletes.
                 let history = format!("DELETE FROM call_transitions WHERE call_id IN ({chosen})");
+                let deliveries = format!("DELETE FROM webhook_deliveries WHERE call_id IN ({chosen})");
                 let calls = format!("DELETE FROM calls WHERE call_id IN ({chosen})");
-                for (i, sql) in [history, calls].iter().enumerate() {
+                for (i, sql) in [history, deliveries, calls].iter().enumerate() {
                     let mut q = sqlx::query(sql).bind(micros(before));
                     for id in chunk {
                         q = q.bind(id.as_str());
                     }
                     let done = q.execute(&mut *tx).await.map_err(unavailable)?;
-                    if i == 1 {
+                    if i == 2 {
                         deleted += done.rows_affected() as usize;
                     }
                 }
@@ -386,7 +413,7 @@ impl CallStore for SqlCallStore {
 macro_rules! call_columns {
     () => {
         "call_id, phone_number, context, extension, priority, caller_id, timeout_secs, audio, variables, \
-         max_attempts, idempotency_key, created_at, status, channel, sent_at, dialed_at, ringing_at, answered_at, \
+         max_attempts, idempotency_key, status_callback, status_callback_events, created_at, status, channel, sent_at, dialed_at, ringing_at, answered_at, \
          ended_at, failure_reason, hangup_cause, hangup_text, attempt_number, version"
     };
 }
@@ -396,7 +423,7 @@ const SELECT_CALLS: &str = concat!("SELECT ", call_columns!(), " FROM calls");
 const INSERT_CALL: &str = concat!(
     "INSERT INTO calls (",
     call_columns!(),
-    ", owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25)"
+    ", owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)"
 );
 
 /// The state columns in [`bind_state`]'s order, then the row guard.
@@ -455,6 +482,8 @@ fn bind_spec<'q>(query: AnyQuery<'q>, spec: &'q CallSpec) -> AnyQuery<'q> {
         .bind(serde_json::to_string(&spec.variables).expect("a string map always serializes"))
         .bind(i64::from(spec.max_attempts))
         .bind(spec.idempotency_key.as_deref())
+        .bind(spec.status_callback.as_deref())
+        .bind(spec.status_callback_events.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
 }
 
 /// Binds the columns a transition can change, in the order of [`UPDATE_STATE`] (and of the
@@ -532,6 +561,13 @@ fn decode_spec(row: &AnyRow) -> Result<CallSpec> {
         variables,
         max_attempts: small(row, "max_attempts")?,
         idempotency_key: opt_text(row, "idempotency_key")?,
+        status_callback: opt_text(row, "status_callback")?,
+        status_callback_events: text("status_callback_events")?
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(corrupt)?,
     })
 }
 
@@ -583,11 +619,11 @@ fn decode_transition(row: &AnyRow) -> Result<TransitionRecord> {
     })
 }
 
-fn instant(col: &str, us: i64) -> Result<OffsetDateTime> {
+pub(super) fn instant(col: &str, us: i64) -> Result<OffsetDateTime> {
     from_micros(us).ok_or_else(|| Error::StoreCorrupt(format!("{col} {us} is not a valid instant")))
 }
 
-fn parse_id(s: &str) -> Result<CallId> {
+pub(super) fn parse_id(s: &str) -> Result<CallId> {
     s.parse().map_err(|_| Error::StoreCorrupt(format!("call_id {s:?} is not a UUID")))
 }
 
@@ -595,7 +631,7 @@ pub(crate) fn unavailable(e: impl Into<crate::error::BoxError>) -> Error {
     Error::StoreUnavailable(e.into())
 }
 
-fn corrupt(e: impl std::fmt::Display) -> Error {
+pub(super) fn corrupt(e: impl std::fmt::Display) -> Error {
     Error::StoreCorrupt(e.to_string())
 }
 
