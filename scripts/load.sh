@@ -7,7 +7,9 @@
 #   MAX_CALLS_PER_SECOND=0 scripts/load.sh     # the CPS limit lifted
 #
 # Every ivr-server setting in the environment passes through (MAX_CALLS_PER_SECOND,
-# MAX_QUEUED_CALLS, ARI_MAX_CONNECTIONS, MAX_ACTIVE_CALLS — default here 1000000 —, RUST_LOG…).
+# MAX_QUEUED_CALLS, ARI_MAX_CONNECTIONS, MAX_ACTIVE_CALLS — default here 1000000 —,
+# MAX_CONNECTIONS_PER_CLIENT — default here 100000, since all the load comes from one client —,
+# RUST_LOG…).
 # The load's own knobs:
 #   LOAD_DURATION (10s)  LOAD_CONNECTIONS (32)  LOAD_THREADS (1)   wrk's -d, -c, -t
 #   LOAD_SETTLE_SECONDS (300)   longest wait for the calls to end after the flood
@@ -59,7 +61,7 @@ export IVR_LOAD_TOKEN
 
 DISABLE_DB=true METRICS_ENABLED=true LISTEN_ADDR=127.0.0.1:$API_PORT \
   ARI_HTTP_URL=http://127.0.0.1:$FAKE_PORT/ari ARI_USERNAME=ivr ARI_PASSWORD=ivr-secret ARI_APP=ivr \
-  MAX_ACTIVE_CALLS=${MAX_ACTIVE_CALLS:-1000000} RUST_LOG=${RUST_LOG:-warn} \
+  MAX_ACTIVE_CALLS=${MAX_ACTIVE_CALLS:-1000000} MAX_CONNECTIONS_PER_CLIENT=${MAX_CONNECTIONS_PER_CLIENT:-100000} RUST_LOG=${RUST_LOG:-warn} \
   "$TARGET/release/ivr-server" >"$LOGS/server.log" 2>&1 &
 SERVER_PID=$!
 for _ in $(seq 100); do curl -fs "$API/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
@@ -76,7 +78,7 @@ grep -E 'Requests/sec|Latency  ' "$LOGS/wrk.out" | sed 's/^/load: wrk: /' >&2
 say "waiting (at most ${SETTLE}s) until no call is active"
 deadline=$((SECONDS + SETTLE))
 while :; do
-  active=$(metric ivr_active_calls); queued=$(metric ivr_queued_calls)
+  active=$(metric ivr_active_calls); queued=$(metric ivr_calls_queued)
   [ "$active" = 0 ] && [ "$queued" = 0 ] && break
   [ $SECONDS -ge $deadline ] && { say "still $active active, $queued queued after ${SETTLE}s"; break; }
   sleep 1

@@ -333,6 +333,12 @@ pub struct CallSpec {
     /// Attempts allowed in all (1 = no retry).
     pub max_attempts: u32,
     pub idempotency_key: Option<String>,
+    /// Where the call's status changes are POSTed (an allowed `http://` URL), if anywhere.
+    #[serde(default)]
+    pub status_callback: Option<String>,
+    /// The statuses whose transitions are POSTed to `status_callback`, in progress order.
+    #[serde(default)]
+    pub status_callback_events: Vec<CallStatus>,
 }
 
 impl CallSpec {
@@ -641,6 +647,8 @@ mod tests {
             variables: BTreeMap::new(),
             max_attempts,
             idempotency_key: None,
+            status_callback: None,
+            status_callback_events: Vec::new(),
         }
     }
 

@@ -64,6 +64,16 @@ pub enum Error {
     /// The store returned data that does not decode into a call.
     #[error("call store holds invalid data: {0}")]
     StoreCorrupt(String),
+
+    /// Another live process holds the lease this one needs (a second instance on SQLite, or
+    /// two processes with one INSTANCE_ID); the text says which.
+    #[error("cannot start this instance: {0}")]
+    InstanceInUse(String),
+
+    /// This process's lease lapsed (it could not renew it in time): the other instances have
+    /// taken its calls over, and it stops rather than fight for them.
+    #[error("this instance's lease lapsed; its calls are the other instances' now")]
+    LeaseLost,
 }
 
 /// Which unique key an insert collided with.

@@ -25,6 +25,7 @@ pub mod fake;
 pub mod ingest;
 pub mod manager;
 pub mod store;
+pub mod webhook;
 
 pub use call::{
     Call, CallId, CallSpec, CallStatus, FailureReason, Hangup, Ignored, PhoneNumber, PhoneNumberError, Step,

@@ -964,3 +964,44 @@ async fn sessions_beyond_the_limit_and_stalled_readers_are_closed() {
     assert_eq!(fake.stats().write_timeouts, 1);
     fake.shutdown().await;
 }
+
+/// Several applications at once, one WebSocket each (several ivr instances): each hears the
+/// channels it originated; one subscribed to another's channel hears its channel events from
+/// then on, but not StasisStart/StasisEnd, which go to the application the channel is in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_apps_each_hear_their_own_channels_and_what_they_subscribe_to() {
+    let fake = start(0.05).await;
+    let a = open_socket(&fake, &json!({"app": "ivr-a", "api_key": "ivr:ivr-secret"})).await.unwrap();
+    let b = open_socket(&fake, &json!({"app": "ivr-b", "api_key": "ivr:ivr-secret"})).await.unwrap();
+    let (status, _) =
+        post(&fake, "/channels", &[("endpoint", "PJSIP/+15550000001@trunk"), ("app", "ivr-a"), ("channelId", "ca")])
+            .await;
+    assert_eq!(status, 200);
+    let (status, _) =
+        post(&fake, "/channels", &[("endpoint", "PJSIP/+15550000001@trunk"), ("app", "ivr-b"), ("channelId", "cb")])
+            .await;
+    assert_eq!(status, 200);
+    // b takes "ca" over (its instance died, say): a subscription, as in answered_dialplan_subscribe.
+    let (status, app) = post(&fake, "/applications/ivr-b/subscription", &[("eventSource", "channel:ca")]).await;
+    assert_eq!(status, 200, "{app}");
+    assert!(app["channel_ids"].as_array().unwrap().contains(&json!("ca")), "{app}");
+    let (status, _) = post(&fake, "/applications/ivr-b/subscription", &[("eventSource", "channel:gone")]).await;
+    assert_eq!(status, 422, "a channel that does not exist");
+    let a_events = events_until(&a, |e| e["type"] == "StasisStart" && e["channel"]["id"] == "ca").await;
+    assert!(a_events.iter().all(|e| channel_of(e) != "cb"), "a hears nothing of b's channel");
+    assert!(a_events.iter().all(|e| e["application"] == "ivr-a"));
+    let b_events = events_until(&b, |e| e["type"] == "StasisStart" && e["channel"]["id"] == "cb").await;
+    let b_events = events_until(&b, |e| {
+        e["type"] == "ChannelStateChange" && e["channel"]["id"] == "ca" && e["channel"]["state"] == "Up"
+    })
+    .await
+    .into_iter()
+    .chain(b_events)
+    .collect::<Vec<_>>();
+    assert!(b_events.iter().all(|e| e["application"] == "ivr-b"));
+    assert!(
+        !b_events.iter().any(|e| channel_of(e) == "ca" && e["type"].as_str().unwrap().starts_with("Stasis")),
+        "StasisStart of a's channel goes to a alone"
+    );
+    fake.shutdown().await;
+}

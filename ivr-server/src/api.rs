@@ -17,7 +17,7 @@ use crate::fields::{IdempotencyKey, PhoneText};
 use crate::problem::Problem;
 use crate::request::{CallBody, CallOptions, ListQuery, TokenForm};
 use crate::router::{self, Miss, Route};
-use crate::view::{CallView, CreatedView, HealthView, ListView, ReadyView};
+use crate::view::{CallView, CreatedView, DeliveriesView, HealthView, ListView, ReadyView};
 use crate::{metrics, openapi, sse, AppState};
 
 /// Answers one request. Returns the route template (`unmatched` when none) for logs and
@@ -68,6 +68,7 @@ async fn answer(state: &AppState, route: Route, request: Request<Incoming>) -> R
         Route::Status { call_id } => call_status(state, &call_id).await,
         Route::CancelCall { call_id } => cancel_call(state, &call_id).await,
         Route::CallEvents { call_id } => call_events(state, &call_id).await,
+        Route::CallDeliveries { call_id } => call_deliveries(state, &call_id).await,
     }
 }
 
@@ -412,4 +413,24 @@ pub(crate) async fn cancel_call(state: &AppState, call_id: &str) -> Result<Respo
 pub(crate) async fn call_events(state: &AppState, call_id: &str) -> Result<Response<Body>, Problem> {
     let updates = state.manager().watch(parse_call_id(call_id)?).await?;
     Ok(sse::response(updates, state.closing()))
+}
+
+/// The call's status callbacks (POSTs to its `status_callback`): for each, its state, its
+/// attempts and the last one's result, oldest first.
+#[utoipa::path(get, path = "/api/v1/calls/{call_id}/deliveries", tag = "calls", operation_id = "callDeliveries",
+    security(("bearer" = []), ("oauth2" = [])),
+    params(("call_id" = String, Path, format = "uuid", description = "The call's id")),
+    responses(
+        (status = 200, description = "The call's deliveries", body = DeliveriesView),
+        (status = 400, response = Problem),
+        (status = 401, response = Problem),
+        (status = 404, response = Problem),
+        (status = 500, response = Problem),
+        (status = 503, response = Problem),
+    ))]
+pub(crate) async fn call_deliveries(state: &AppState, call_id: &str) -> Result<Response<Body>, Problem> {
+    let call_id = parse_call_id(call_id)?;
+    state.manager().get(call_id).await?.ok_or(ivr_core::Error::NotFound(call_id))?;
+    let deliveries = state.manager().store().deliveries(call_id).await?;
+    Ok(body::json(StatusCode::OK, &DeliveriesView::new(call_id, &deliveries)))
 }

@@ -7,12 +7,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ivr_core::ari::AriClient;
+use ivr_core::manager::Instance;
 use ivr_core::{CallManager, CallStore, MemoryCallStore, SqlCallStore};
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::auth::Tokens;
+use crate::retention::Retention;
 use crate::settings::{DbSettings, Settings};
 use crate::users::UserStore;
 use crate::{AppState, Options};
@@ -25,6 +27,7 @@ pub enum StartError {
     Users(crate::users::UserError),
     Ari(ivr_core::ari::AriError),
     Manager(ivr_core::Error),
+    Instance(ivr_core::Error),
     Metrics(prometheus::Error),
     Listen(std::io::Error),
 }
@@ -37,6 +40,7 @@ impl fmt::Display for StartError {
             StartError::Users(e) => write!(f, "cannot prepare the users table: {e}"),
             StartError::Ari(e) => write!(f, "ARI settings: {e}"),
             StartError::Manager(e) => write!(f, "call manager: {e}"),
+            StartError::Instance(e) => e.fmt(f),
             StartError::Metrics(e) => write!(f, "metrics: {e}"),
             StartError::Listen(e) => write!(f, "cannot listen (LISTEN_ADDR): {e}"),
         }
@@ -85,21 +89,45 @@ pub struct App {
     pub stores: Stores,
     /// How long live calls are still followed once shutdown begins (CALL_DRAIN_SECONDS).
     pub call_drain: Duration,
+    /// The retention task's handle, with CALL_RETENTION_DAYS.
+    pub retention: Option<Retention>,
+    /// The status-callback worker (with WEBHOOK_SECRET), run beside the event loop.
+    pub webhooks: Option<ivr_core::webhook::Worker>,
 }
 
 impl App {
     /// Opens the stores named by `settings` and builds the rest on them.
+    /// On a database it takes this process's lease first ([`Instance::join`]): refused while
+    /// another live process holds the SQLite file, or this INSTANCE_ID on PostgreSQL.
     pub async fn build(settings: &Settings) -> Result<App, StartError> {
-        let stores = Stores::open(&settings.db).await?;
-        Self::with_stores(settings, stores)
+        let mut stores = Stores::open(&settings.db).await?;
+        let mut instance = None;
+        if let (Some(sql), Some(url)) = (&stores.sql, &settings.db.database_url) {
+            let joined = Instance::join(sql, url.expose(), &settings.ari.app, &settings.instance)
+                .await
+                .map_err(StartError::Instance)?;
+            stores.calls = Arc::new(joined.owning(sql));
+            instance = Some(joined);
+        }
+        Self::assemble(settings, stores, instance)
     }
 
-    /// Builds the manager and the state on stores the caller opened.
+    /// Builds the manager and the state on stores the caller opened (as one process alone,
+    /// without a lease).
     pub fn with_stores(settings: &Settings, stores: Stores) -> Result<App, StartError> {
+        Self::assemble(settings, stores, None)
+    }
+
+    fn assemble(settings: &Settings, stores: Stores, instance: Option<Instance>) -> Result<App, StartError> {
         let registry = Registry::new();
-        let ari = AriClient::new(settings.ari.clone()).map_err(StartError::Ari)?;
-        let manager = CallManager::new(ari, Arc::clone(&stores.calls), settings.manager.clone(), &registry)
-            .map_err(StartError::Manager)?;
+        let mut ari_config = settings.ari.clone();
+        if let Some(instance) = &instance {
+            ari_config.app = instance.app().to_owned();
+        }
+        let ari = AriClient::new(ari_config).map_err(StartError::Ari)?;
+        let manager =
+            CallManager::with_instance(ari, Arc::clone(&stores.calls), settings.manager.clone(), &registry, instance)
+                .map_err(StartError::Manager)?;
         let options = Options {
             metrics_enabled: settings.metrics_enabled,
             docs_enabled: settings.docs_enabled,
@@ -110,18 +138,35 @@ impl App {
             policy: settings.policy.clone(),
             caches: settings.caches.clone(),
         };
+        // Its own task, fed by the store's outbox only: a slow receiver never slows the calls.
+        let webhooks = match &settings.webhooks {
+            Some(w) => Some(
+                ivr_core::webhook::Worker::new(Arc::clone(&stores.calls), w.clone(), &registry)
+                    .map_err(StartError::Metrics)?
+                    .with_render(Arc::new(|call| {
+                        serde_json::to_value(crate::view::CallView::from(call)).unwrap_or_default()
+                    })),
+            ),
+            None => None,
+        };
+        let retention = settings
+            .call_retention
+            .map(|keep| Retention::new(Arc::clone(&stores.calls), keep, &registry))
+            .transpose()
+            .map_err(StartError::Metrics)?;
         let state = AppState::new(manager, stores.users.clone(), Tokens::new(&settings.auth), registry, options)
             .map_err(StartError::Metrics)?;
-        Ok(App { state, stores, call_drain: settings.call_drain })
+        Ok(App { state, stores, call_drain: settings.call_drain, retention, webhooks })
     }
 
     pub fn manager(&self) -> &CallManager {
         self.state.manager()
     }
 
-    /// Serves the API on `listener` and follows the calls until `shutdown` completes, or the
-    /// ARI event loop fails; then drains both (see [`serve`](crate::serve) and
-    /// [`follow_calls`](crate::follow_calls)) and closes the stores.
+    /// Serves the API on `listener`, follows the calls and runs the retention task (with
+    /// CALL_RETENTION_DAYS) until `shutdown` completes, or the ARI event loop fails; then
+    /// drains (see [`serve`](crate::serve) and [`follow_calls`](crate::follow_calls)), stops
+    /// the retention task and closes the stores.
     pub async fn run(
         self,
         listener: TcpListener,
@@ -136,6 +181,7 @@ impl App {
             shutdown.await;
             on_signal.send_replace(true);
         });
+        let webhooks = self.webhooks.clone().map(|worker| tokio::spawn(worker.run(until_stopped(stopped.clone()))));
         let follow =
             tokio::spawn(crate::follow_calls(self.manager().clone(), until_stopped(stopped.clone()), self.call_drain));
         let engine_stopped = tokio::spawn(async move {
@@ -144,8 +190,15 @@ impl App {
             }
             stop.send_replace(true);
         });
+        let retention = self.retention.clone().map(|r| tokio::spawn(r.run(until_stopped(stopped.clone()))));
         let served = crate::serve(listener, self.state.clone(), until_stopped(stopped)).await;
         let _ = engine_stopped.await;
+        if let Some(webhooks) = webhooks {
+            let _ = webhooks.await;
+        }
+        if let Some(retention) = retention {
+            let _ = retention.await;
+        }
         self.stores.close().await;
         tracing::info!("stopped");
         served

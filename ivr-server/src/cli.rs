@@ -1,5 +1,5 @@
-//! The subcommands: `serve` (the default), `migrate`, `user add|list|disable|enable|passwd`,
-//! `token --sub NAME`, `healthcheck`. Arguments are parsed by hand; a bad one is exit code 2 with the usage.
+//! The subcommands: `serve` (the default), `migrate`, `purge --before DATE`,
+//! `user add|list|disable|enable|passwd`, `token --sub NAME`, `healthcheck`. Arguments are parsed by hand; a bad one is exit code 2 with the usage.
 
 use std::io::{BufRead, IsTerminal, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::app::Stores;
 use crate::auth::Tokens;
+use crate::retention::parse_cutoff;
 use crate::settings::{AuthSettings, DbSettings, DEFAULT_LISTEN_ADDR};
 
 pub const USAGE: &str = "\
@@ -15,6 +16,9 @@ usage: ivr-server [COMMAND]
 commands:
   serve                   run the API (the default); settings come from environment variables
   migrate                 create or update the database schema (calls and users) and exit
+  purge --before DATE     delete the calls that ended before DATE, with their history, and print
+                          how many (DATE: RFC 3339, 2026-01-31 or 2026-01-31T12:00:00Z); calls not
+                          ended are never deleted. CALL_RETENTION_DAYS does this every hour
   user add NAME           add a user; the password is prompted for, or read as one line from stdin
   user list               list users
   user disable NAME       refuse NAME's password and tokens from now on
@@ -32,6 +36,7 @@ See the settings table in the README (DATABASE_URL, SECRET_KEY, ARI_*, ...).";
 pub enum Command {
     Serve,
     Migrate,
+    Purge { before: time::OffsetDateTime },
     UserAdd(String),
     UserList,
     UserDisable(String),
@@ -49,6 +54,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, String>
     match args.as_slice() {
         [] | ["serve"] => Ok(Command::Serve),
         ["migrate"] => Ok(Command::Migrate),
+        ["purge", "--before", date] => Ok(Command::Purge { before: parse_cutoff(date)? }),
+        ["purge", arg] if arg.starts_with("--before=") => Ok(Command::Purge { before: parse_cutoff(&arg[9..])? }),
+        ["purge", ..] => Err("`purge` takes: --before DATE (e.g. 2026-01-31 or 2026-01-31T12:00:00Z)".into()),
         ["healthcheck"] => Ok(Command::Healthcheck),
         ["help" | "--help" | "-h"] => Ok(Command::Help),
         ["user", "add", name] => Ok(Command::UserAdd((*name).into())),
@@ -85,6 +93,16 @@ pub async fn run(command: Command) -> Result<(), String> {
             let stores = open().await?;
             stores.close().await;
             eprintln!("the database schema is up to date");
+            Ok(())
+        }
+        Command::Purge { before } => {
+            let stores = open().await?;
+            let purged = stores.calls.purge_ended(before).await;
+            stores.close().await;
+            let purged = purged.map_err(|e| format!("purge failed: {e}"))?;
+            println!("{purged}");
+            let before = before.format(&time::format_description::well_known::Rfc3339).unwrap_or_default();
+            eprintln!("{purged} call(s) that ended before {before} deleted, with their history");
             Ok(())
         }
         command => {
@@ -239,6 +257,14 @@ mod tests {
         assert_eq!(p(&["token", "--sub", "dev"]), Ok(Command::Token { sub: "dev".into() }));
         assert_eq!(p(&["token", "--sub=dev"]), Ok(Command::Token { sub: "dev".into() }));
         assert_eq!(p(&["healthcheck"]), Ok(Command::Healthcheck));
+        let midnight = time::Date::from_calendar_date(2026, time::Month::January, 31).unwrap().midnight().assume_utc();
+        assert_eq!(p(&["purge", "--before", "2026-01-31"]), Ok(Command::Purge { before: midnight }));
+        assert_eq!(p(&["purge", "--before=2026-01-31T01:00:00+01:00"]), Ok(Command::Purge { before: midnight }));
+        let e = p(&["purge", "--before", "last week"]).unwrap_err();
+        assert!(e.contains("\"last week\" is not a date") && e.contains("RFC 3339"), "{e}");
+        for bad in [&["purge"][..], &["purge", "--before"], &["purge", "2026-01-31"]] {
+            assert!(p(bad).unwrap_err().contains("--before DATE"), "{bad:?}");
+        }
         for bad in [&["token"][..], &["token", "--sub"], &["user"], &["user", "add"], &["frobnicate"], &["serve", "x"]]
         {
             assert!(p(bad).is_err(), "{bad:?}");

@@ -201,6 +201,20 @@ text_type!(
 );
 
 text_type!(
+    /// Where to POST the call's status changes: an absolute `http://` URL on a host the
+    /// server allows (WEBHOOK_ALLOWED_HOSTS). `https://` is refused: the server has no TLS client.
+    CallbackUrl = TextRule {
+        label: "status_callback",
+        must_be: "an absolute http:// URL of at most 2048 characters, without spaces or control characters \
+                  (https is not supported: the server has no TLS client), on a host in WEBHOOK_ALLOWED_HOSTS",
+        min: 8,
+        max: Some(2048),
+        pattern: || r"^http://[^\u0000-\u0020\u007f-\u009f]+$".into(),
+        matches: |t| t.starts_with("http://") && !t.chars().any(|c| c.is_control() || c == ' '),
+    }
+);
+
+text_type!(
     /// The name of a channel variable.
     VariableName = TextRule {
         label: "a variable name",

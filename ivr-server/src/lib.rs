@@ -16,6 +16,7 @@
 //! - [`sse`], [`openapi`], [`metrics`]: the event stream, the generated API document and the
 //!   Swagger UI page, the Prometheus registry.
 //! - [`server`], [`conn`]: the accept loop with its bounds, and one connection's IO.
+//! - [`retention`]: ended calls deleted after CALL_RETENTION_DAYS, and `purge --before`.
 //! - [`settings`], [`cli`], [`logging`], [`app`]: configuration, subcommands, logs, assembly.
 
 use std::sync::Arc;
@@ -40,6 +41,7 @@ pub mod openapi;
 pub mod policy;
 pub mod problem;
 pub mod request;
+pub mod retention;
 pub mod router;
 pub mod server;
 pub mod settings;
@@ -121,7 +123,7 @@ impl AppState {
         let guard_metrics = metrics::GuardMetrics::register(&registry)?;
         let throttle = throttle::LoginThrottle::new(options.login.clone(), guard_metrics.login_throttled.clone());
         let (closing, _) = watch::channel(false);
-        let openapi = openapi::document_json(manager.settings().max_attempts).into();
+        let openapi = openapi::document_json_for(manager.settings()).into();
         let answers = cache::AnswerCache::new(options.caches.status_bytes);
         let enabled = cache::UserCache::new(options.caches.user_staleness);
         let inner = Inner {

@@ -69,6 +69,7 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
         crate::api::get_call,
         crate::api::cancel_call,
         crate::api::call_events,
+        crate::api::call_deliveries,
         crate::api::call_status,
     ),
     components(
@@ -124,6 +125,83 @@ pub fn document(max_attempts: u32) -> utoipa::openapi::OpenApi {
         }
     }
     doc
+}
+
+/// The document for a server with `settings`: MAX_ATTEMPTS's bound, and the status-callback
+/// fields as its callback policy allows them: left out when callbacks are off (no
+/// WEBHOOK_SECRET), else `status_callback`'s pattern names the allowed hosts, so a URL the
+/// document allows is one the server takes.
+pub fn document_for(settings: &ivr_core::ManagerSettings) -> utoipa::openapi::OpenApi {
+    let mut doc = document(settings.max_attempts);
+    let policy = &settings.callbacks;
+    if let Some(components) = doc.components.as_mut() {
+        if policy.enabled {
+            if let Some(RefOr::T(Schema::Object(url))) = components.schemas.get_mut("CallbackUrl") {
+                url.pattern = Some(callback_pattern(policy));
+                url.description = Some(format!(
+                    "An absolute http:// URL on {} (https is not supported: the server has no TLS client).",
+                    allowed_hosts(policy)
+                ));
+            }
+        } else {
+            for name in ["CallRequest", "CallOptions"] {
+                if let Some(RefOr::T(Schema::Object(body))) = components.schemas.get_mut(name) {
+                    body.properties.shift_remove("status_callback");
+                    body.properties.shift_remove("status_callback_events");
+                }
+            }
+            components.schemas.remove("CallbackUrl");
+        }
+    }
+    doc
+}
+
+/// [`document_for`] as served.
+pub fn document_json_for(settings: &ivr_core::ManagerSettings) -> String {
+    document_for(settings).to_json().unwrap_or_else(|_| "{}".into())
+}
+
+fn allowed_hosts(policy: &ivr_core::webhook::CallbackPolicy) -> String {
+    let names: Vec<String> = policy
+        .allowed_authorities()
+        .into_iter()
+        .map(|(host, port)| match port {
+            Some(port) => format!("{host}:{port}"),
+            None => host,
+        })
+        .collect();
+    if names.is_empty() {
+        "no host (WEBHOOK_ALLOWED_HOSTS is empty)".into()
+    } else {
+        format!("one of these hosts: {}", names.join(", "))
+    }
+}
+
+/// The pattern of an allowed callback URL (public for the property tests).
+pub fn callback_url_pattern(policy: &ivr_core::webhook::CallbackPolicy) -> String {
+    callback_pattern(policy)
+}
+
+/// `^http://(one of the allowed authorities)` then an optional path, query or fragment.
+fn callback_pattern(policy: &ivr_core::webhook::CallbackPolicy) -> String {
+    let literal = |text: &str| -> String {
+        text.chars().flat_map(|c| if ".[]".contains(c) { vec!['\\', c] } else { vec![c] }).collect()
+    };
+    const PORT: &str = "(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})";
+    let mut authorities: Vec<String> = policy
+        .allowed_authorities()
+        .into_iter()
+        .map(|(host, port)| match port {
+            None => format!("{}(:{PORT})?", literal(&host)),
+            Some(80) => format!("{}(:80)?", literal(&host)),
+            Some(port) => format!("{}:{port}", literal(&host)),
+        })
+        .collect();
+    if authorities.is_empty() {
+        // Nothing is allowed: a pattern no string matches.
+        authorities.push("(?!)".into());
+    }
+    format!(r"^http://({})([/?#][^\u0000-\u0020\u007f-\u009f]*)?$", authorities.join("|"))
 }
 
 /// Sets `maximum` wherever the schema (or a branch of its `oneOf`) has a `minimum`.
@@ -267,6 +345,26 @@ mod tests {
 
     use super::*;
     use crate::router::{self, ROUTES};
+
+    #[test]
+    fn the_callback_fields_follow_the_policy() {
+        let body = |doc: &utoipa::openapi::OpenApi| serde_json::to_value(doc).unwrap()["components"]["schemas"].clone();
+        let off = body(&document_for(&ivr_core::ManagerSettings::default()));
+        assert!(off["CallRequest"]["properties"].get("status_callback").is_none());
+        assert!(off["CallRequest"]["properties"].get("status_callback_events").is_none());
+        assert!(off["CallRequest"]["properties"].get("phone_number").is_some());
+        assert!(off.get("CallbackUrl").is_none());
+        let callbacks = ivr_core::webhook::CallbackPolicy {
+            enabled: true,
+            default_url: Some("http://crm.example/ivr".into()),
+            allowed_hosts: vec!["hooks.example".into(), "10.0.0.5:8080".into()],
+        };
+        let on = body(&document_for(&ivr_core::ManagerSettings { callbacks, ..Default::default() }));
+        assert!(on["CallRequest"]["properties"].get("status_callback").is_some());
+        let pattern = on["CallbackUrl"]["pattern"].as_str().unwrap();
+        assert!(pattern.starts_with(r"^http://(hooks\.example(:"), "{pattern}");
+        assert!(pattern.contains(r"|10\.0\.0\.5:8080|crm\.example(:80)?)"), "{pattern}");
+    }
 
     #[test]
     fn the_documented_operations_are_the_routes() {

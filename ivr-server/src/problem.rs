@@ -40,6 +40,12 @@ pub const KINDS: &[(&str, &str, u16, &str)] = &[
     ("not-ready", "Not ready", 503, "The store is not reachable or the ARI event connection is down."),
 ];
 
+/// Kinds that an outage causes (the database, or Asterisk's event socket, away for a while):
+/// they pass by themselves, so the answer says when to try again.
+const OUTAGES: &[&str] = &["store-unavailable", "not-ready"];
+/// `Retry-After` of an outage's answer, in seconds.
+const OUTAGE_RETRY_AFTER: &str = "2";
+
 // The OpenAPI document's schema of a problem: the standard members and the extension members
 // some problems add (the `problem_members_are_documented` test keeps this list true).
 /// The body of every error answer (RFC 9457).
@@ -102,14 +108,18 @@ impl Problem {
     pub fn new(slug: &'static str, detail: impl Into<String>) -> Self {
         let (slug, title, status, _) =
             KINDS.iter().find(|k| k.0 == slug).copied().unwrap_or(("internal", "Internal error", 500, ""));
-        Problem {
+        let problem = Problem {
             status: StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
             slug,
             title,
             detail: detail.into(),
             extra: Map::new(),
             headers: Vec::new(),
+        };
+        if OUTAGES.contains(&slug) {
+            return problem.header(RETRY_AFTER, HeaderValue::from_static(OUTAGE_RETRY_AFTER));
         }
+        problem
     }
 
     pub fn bad_request(detail: impl Into<String>) -> Self {
@@ -269,6 +279,9 @@ mod tests {
         assert!(!p.detail.contains("bad row"));
         let p = Problem::from(ivr_core::Error::StoreUnavailable("down".into()));
         assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(p.into_response().headers()[RETRY_AFTER], "2", "an outage says when to come back");
+        let users_down = Problem::new("store-unavailable", "the user store could not be reached").into_response();
+        assert_eq!(users_down.headers()[RETRY_AFTER], "2");
         let p = Problem::from(ivr_core::Error::TooManyActiveCalls { limit: 3 });
         assert_eq!(p.status, StatusCode::SERVICE_UNAVAILABLE);
         let response = p.into_response();

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use ivr_core::{CallQuery, CallRequest};
+use ivr_core::{CallQuery, CallRequest, CallStatus};
 use serde::Deserialize;
 use serde_json::json;
 use utoipa::openapi::schema::Schema;
@@ -15,10 +15,11 @@ use utoipa::openapi::RefOr;
 use utoipa::{IntoParams, PartialSchema, ToSchema};
 
 use crate::fields::{
-    Audio, CallerId, Context, Extension, MaxAttempts, PageCursor, PageSize, PhoneText, Priority, RingTimeout,
-    StatusList, Timestamp, VariableName, VariableValue,
+    Audio, CallbackUrl, CallerId, Context, Extension, MaxAttempts, PageCursor, PageSize, PhoneText, Priority,
+    RingTimeout, StatusList, Timestamp, VariableName, VariableValue,
 };
 use crate::problem::Problem;
+use crate::view::StatusSchema;
 
 /// The JSON body of `POST /api/v1/calls`; the body of `POST /api/v1/interaction/{number}` is
 /// the same without `phone_number` (the `CallOptions` schema). Unknown fields are refused.
@@ -50,6 +51,11 @@ pub struct CallBody {
     /// MAX_ATTEMPTS).
     #[schema(inline)]
     pub max_attempts: Option<MaxAttempts>,
+    /// Where to POST the call's status changes (default: WEBHOOK_DEFAULT_URL, if set).
+    pub status_callback: Option<CallbackUrl>,
+    /// The statuses to POST, at least one (default: answered, completed, failed).
+    #[schema(value_type = Option<Vec<StatusSchema>>, min_items = 1)]
+    pub status_callback_events: Option<Vec<CallStatus>>,
 }
 
 /// The schema of the optional body of `POST /api/v1/interaction/{number}`: [`CallBody`]'s
@@ -111,6 +117,8 @@ impl CallBody {
                 .map(|(name, value)| (name.into_string(), value.into_string()))
                 .collect(),
             max_attempts: self.max_attempts.map(|n| n.0),
+            status_callback: self.status_callback.map(CallbackUrl::into_string),
+            status_callback_events: self.status_callback_events,
             idempotency_key,
         }
     }

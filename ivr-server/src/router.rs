@@ -15,6 +15,7 @@
 //! | GET | `/api/v1/calls/{call_id}` | Bearer | one call |
 //! | DELETE | `/api/v1/calls/{call_id}` | Bearer | cancel (hang up) a call; 202 |
 //! | GET | `/api/v1/calls/{call_id}/events` | Bearer | Server-Sent Events: the call's state, then each change, until it ends |
+//! | GET | `/api/v1/calls/{call_id}/deliveries` | Bearer | the call's status callbacks: attempts and last result of each |
 //! | GET | `/api/v1/status/{call_id}` | Bearer | one call (same as `/api/v1/calls/{call_id}`) |
 //!
 //! An unknown path is 404; a known path with another method is 405 with `Allow`. [`ROUTES`] is
@@ -39,6 +40,7 @@ pub const ROUTES: &[(Method, &str)] = &[
     (Method::GET, "/api/v1/calls/{call_id}"),
     (Method::DELETE, "/api/v1/calls/{call_id}"),
     (Method::GET, "/api/v1/calls/{call_id}/events"),
+    (Method::GET, "/api/v1/calls/{call_id}/deliveries"),
     (Method::GET, "/api/v1/status/{call_id}"),
 ];
 
@@ -61,6 +63,7 @@ pub enum Route {
     GetCall { call_id: String },
     CancelCall { call_id: String },
     CallEvents { call_id: String },
+    CallDeliveries { call_id: String },
     Status { call_id: String },
 }
 
@@ -79,6 +82,7 @@ impl Route {
             Route::CreateCall | Route::ListCalls => "/api/v1/calls",
             Route::GetCall { .. } | Route::CancelCall { .. } => "/api/v1/calls/{call_id}",
             Route::CallEvents { .. } => "/api/v1/calls/{call_id}/events",
+            Route::CallDeliveries { .. } => "/api/v1/calls/{call_id}/deliveries",
             Route::Status { .. } => "/api/v1/status/{call_id}",
         }
     }
@@ -127,6 +131,7 @@ fn match_route(method: &Method, segments: &[&str]) -> Option<Route> {
         (Method::GET, ["api", "v1", "calls", call_id]) => Route::GetCall { call_id: id(call_id) },
         (Method::DELETE, ["api", "v1", "calls", call_id]) => Route::CancelCall { call_id: id(call_id) },
         (Method::GET, ["api", "v1", "calls", call_id, "events"]) => Route::CallEvents { call_id: id(call_id) },
+        (Method::GET, ["api", "v1", "calls", call_id, "deliveries"]) => Route::CallDeliveries { call_id: id(call_id) },
         (Method::GET, ["api", "v1", "status", call_id]) => Route::Status { call_id: id(call_id) },
         _ => return None,
     })
@@ -196,6 +201,7 @@ mod tests {
             Route::GetCall { call_id: id() },
             Route::CancelCall { call_id: id() },
             Route::CallEvents { call_id: id() },
+            Route::CallDeliveries { call_id: id() },
             Route::Status { call_id: id() },
         ];
         for route in all {
@@ -213,6 +219,7 @@ mod tests {
                 | Route::GetCall { .. }
                 | Route::CancelCall { .. }
                 | Route::CallEvents { .. }
+                | Route::CallDeliveries { .. }
                 | Route::Status { .. } => {}
             }
             assert!(ROUTES.iter().any(|(_, t)| *t == route.template()), "{route:?} is not in ROUTES");

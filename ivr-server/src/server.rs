@@ -1,8 +1,10 @@
 //! The accept loop, its bounds, and the shutdown sequence.
 //!
 //! [`serve`] answers HTTP/1.1 on a listener until its shutdown future completes, then stops
-//! accepting, ends event streams, and lets in-flight requests finish within
-//! [`Options::shutdown_grace`](crate::Options). [`follow_calls`] runs the CallManager's event
+//! accepting (taking in the connections the kernel already completed), waits up to
+//! [`FIRST_REQUEST_WAIT`] for the first request of connections just accepted, ends event
+//! streams, and lets in-flight requests finish within [`Options::shutdown_grace`](crate::Options):
+//! a request sent before the shutdown is answered, one sent after is refused at connect. [`follow_calls`] runs the CallManager's event
 //! loop and, once shutdown begins, keeps following live calls until they end or a bound passes.
 //!
 //! Bounds on connections ([`ConnectionLimits`], SECURITY.md):
@@ -28,6 +30,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -55,6 +58,31 @@ pub const MAX_HEADER_BYTES: usize = 16 * 1024;
 pub const REFUSING_AT_ONCE: usize = 64;
 /// How long an over-the-cap connection has to send its request before it is closed unanswered.
 pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// At shutdown, how long connections accepted but not yet sent a request are waited for.
+pub const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
+
+/// Whether a connection's first request has arrived, counted in the server's number of
+/// connections still waiting for theirs.
+#[derive(Clone)]
+struct FirstRequest {
+    arrived: Arc<AtomicBool>,
+    waiting: Arc<AtomicUsize>,
+}
+
+impl FirstRequest {
+    fn new(waiting: &Arc<AtomicUsize>) -> Self {
+        waiting.fetch_add(1, Ordering::SeqCst);
+        FirstRequest { arrived: Arc::new(AtomicBool::new(false)), waiting: Arc::clone(waiting) }
+    }
+
+    /// A request arrived (or the connection ended): no longer waiting. Idempotent.
+    fn arrived(&self) {
+        if !self.arrived.swap(true, Ordering::SeqCst) {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+}
 
 /// How many connections, and how long a request's head may take (MAX_CONNECTIONS,
 /// MAX_CONNECTIONS_PER_CLIENT, HEADER_READ_TIMEOUT_SECONDS).
@@ -143,55 +171,81 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
     builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_header_size(MAX_HEADER_BYTES);
     let mut refusing = builder.clone();
     refusing.keep_alive(false).header_read_timeout(REFUSAL_TIMEOUT);
+    // Connections accepted that have not sent their first request yet.
+    let awaiting_first = Arc::new(AtomicUsize::new(0));
+    let mut stopping = false;
     loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(accepted) => accepted,
-                    Err(e) => {
-                        // Out of file descriptors and the like: wait a little rather than spin.
-                        tracing::warn!(error = %e, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                let slot = match slots.admit(peer.ip()) {
-                    Ok(slot) => slot,
-                    Err(limit) => {
-                        state.guard_metrics().connections_refused.inc();
-                        match Arc::clone(&refusals).try_acquire_owned() {
-                            Ok(permit) => {
-                                tracing::warn!(limit, "connection refused: the limit of open connections is reached");
-                                tokio::spawn(refuse(&refusing, stream, permit, limit));
-                            }
-                            Err(_) => drop(stream),
-                        }
-                        continue;
-                    }
-                };
-                let state = state.clone();
-                let open = state.guard_metrics().connections_open.clone();
-                let service = service_fn(move |mut request: Request<Incoming>| {
-                    let state = state.clone();
-                    request.extensions_mut().insert(Peer(peer));
-                    async move { Ok::<_, Infallible>(respond(&state, request).await) }
-                });
-                let (io, returned) = Guarded::new(stream);
-                let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
-                open.inc();
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "connection ended with an error");
-                    }
-                    conn::linger(returned).await;
-                    open.dec();
-                    drop(slot);
-                });
+        let accepted = if stopping {
+            // Connections the kernel completed but this loop has not taken yet would be reset
+            // when the listener closes: take them in, so their requests are answered.
+            match listener.accept().now_or_never() {
+                Some(accepted) => accepted,
+                None => break,
             }
-            () = &mut shutdown => break,
-        }
+        } else {
+            tokio::select! {
+                accepted = listener.accept() => accepted,
+                () = &mut shutdown => {
+                    stopping = true;
+                    continue;
+                }
+            }
+        };
+        let (stream, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                // Out of file descriptors and the like: wait a little rather than spin.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let slot = match slots.admit(peer.ip()) {
+            Ok(slot) => slot,
+            Err(limit) => {
+                state.guard_metrics().connections_refused.inc();
+                match Arc::clone(&refusals).try_acquire_owned() {
+                    Ok(permit) => {
+                        tracing::warn!(limit, "connection refused: the limit of open connections is reached");
+                        tokio::spawn(refuse(&refusing, stream, permit, limit));
+                    }
+                    Err(_) => drop(stream),
+                }
+                continue;
+            }
+        };
+        let state = state.clone();
+        let open = state.guard_metrics().connections_open.clone();
+        let first = FirstRequest::new(&awaiting_first);
+        let service = service_fn({
+            let first = first.clone();
+            move |mut request: Request<Incoming>| {
+                first.arrived();
+                let state = state.clone();
+                request.extensions_mut().insert(Peer(peer));
+                async move { Ok::<_, Infallible>(respond(&state, request).await) }
+            }
+        });
+        let (io, returned) = Guarded::new(stream);
+        let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
+        open.inc();
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "connection ended with an error");
+            }
+            first.arrived();
+            conn::linger(returned).await;
+            open.dec();
+            drop(slot);
+        });
     }
     drop(listener);
+    // A connection accepted just before the shutdown has its first request on the wire: let
+    // it be read and answered rather than close the connection unanswered.
+    let waiting_since = tokio::time::Instant::now();
+    while awaiting_first.load(Ordering::SeqCst) > 0 && waiting_since.elapsed() < FIRST_REQUEST_WAIT {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     state.begin_closing();
     let grace = state.options().shutdown_grace;
     tracing::info!(?grace, "shutting down: no new connections; finishing requests in flight");

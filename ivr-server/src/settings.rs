@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use ivr_core::ari::AriConfig;
+use ivr_core::manager::InstanceSettings;
+use ivr_core::webhook::{CallbackPolicy, WebhookSettings};
 use ivr_core::ManagerSettings;
 
 use crate::cache::CacheLimits;
@@ -119,6 +121,8 @@ pub struct Settings {
     pub auth: AuthSettings,
     pub ari: AriConfig,
     pub manager: ManagerSettings,
+    /// Who this process is among several (INSTANCE_ID, INSTANCE_LEASE_SECONDS).
+    pub instance: InstanceSettings,
     pub listen_addr: SocketAddr,
     pub metrics_enabled: bool,
     pub docs_enabled: bool,
@@ -130,6 +134,10 @@ pub struct Settings {
     pub trusted_proxies: TrustedProxies,
     pub policy: DestinationPolicy,
     pub caches: CacheLimits,
+    /// How long ended calls are kept (CALL_RETENTION_DAYS); `None` keeps them for ever.
+    pub call_retention: Option<Duration>,
+    /// How status callbacks are signed and retried; `None` (no WEBHOOK_SECRET) sends none.
+    pub webhooks: Option<WebhookSettings>,
 }
 
 impl Settings {
@@ -183,6 +191,23 @@ impl Settings {
                 .map_or(defaults.originate_retry_window, |n| Duration::from_secs(n.into())),
             ..defaults
         };
+        let (callbacks, webhooks) = webhooks(&r)?;
+        let manager = ManagerSettings { callbacks, ..manager };
+        let instance_id = match r.string("INSTANCE_ID")? {
+            Some(id) => id,
+            None => default_instance_id(),
+        };
+        let valid = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        if instance_id.is_empty() || instance_id.len() > 64 || !instance_id.chars().all(valid) {
+            return Err(r.error(
+                "INSTANCE_ID",
+                "must be 1 to 64 letters, digits, '-', '_' or '.' (the host name is used when unset)",
+            ));
+        }
+        let instance = InstanceSettings {
+            instance_id,
+            lease_ttl: Duration::from_secs(r.number("INSTANCE_LEASE_SECONDS", 2, 3600)?.unwrap_or(15).into()),
+        };
         let listen = r.string("LISTEN_ADDR")?.unwrap_or_else(|| DEFAULT_LISTEN_ADDR.into());
         let listen_addr = listen
             .parse()
@@ -225,6 +250,7 @@ impl Settings {
             auth,
             ari,
             manager,
+            instance,
             listen_addr,
             metrics_enabled: r.flag("METRICS_ENABLED")?.unwrap_or(false),
             docs_enabled: r.flag("DOCS_ENABLED")?.unwrap_or(true),
@@ -236,8 +262,54 @@ impl Settings {
             trusted_proxies,
             policy,
             caches,
+            call_retention: r
+                .number("CALL_RETENTION_DAYS", 1, 36_500)?
+                .map(|days| Duration::from_secs(u64::from(days) * 86_400)),
+            webhooks,
         })
     }
+}
+
+/// The shortest WEBHOOK_SECRET accepted.
+pub const MIN_WEBHOOK_SECRET_BYTES: usize = 16;
+
+/// The status-callback settings: which URLs calls may name, and how deliveries are sent.
+fn webhooks<S: Source>(r: &Reader<'_, S>) -> Result<(CallbackPolicy, Option<WebhookSettings>), SettingsError> {
+    let secret = r.string("WEBHOOK_SECRET")?;
+    if secret.as_ref().is_some_and(|s| s.len() < MIN_WEBHOOK_SECRET_BYTES) {
+        return Err(r.error(
+            "WEBHOOK_SECRET",
+            &format!(
+                "is too short: at least {MIN_WEBHOOK_SECRET_BYTES} bytes are needed (e.g. `openssl rand -hex 32`)"
+            ),
+        ));
+    }
+    let mut allowed_hosts = Vec::new();
+    for entry in r.string("WEBHOOK_ALLOWED_HOSTS")?.unwrap_or_default().split(',').filter(|e| !e.trim().is_empty()) {
+        allowed_hosts
+            .push(CallbackPolicy::parse_host(entry).map_err(|e| r.error("WEBHOOK_ALLOWED_HOSTS", &e.to_string()))?);
+    }
+    let default_url = r.string("WEBHOOK_DEFAULT_URL")?;
+    let policy = CallbackPolicy { enabled: secret.is_some(), default_url: default_url.clone(), allowed_hosts };
+    if let Some(url) = &default_url {
+        if secret.is_none() {
+            return Err(r.error("WEBHOOK_DEFAULT_URL", "needs WEBHOOK_SECRET: every status callback is signed"));
+        }
+        // The URL may hold a token: it is not repeated.
+        policy
+            .check(url)
+            .map_err(|problem| r.error("WEBHOOK_DEFAULT_URL", &problem.replace("status_callback", "the URL")))?;
+    }
+    let d = WebhookSettings::default();
+    let settings = secret.map(|secret| -> Result<WebhookSettings, SettingsError> {
+        Ok(WebhookSettings {
+            secret: secret.into_bytes(),
+            timeout: r.number("WEBHOOK_TIMEOUT", 1, 300)?.map_or(d.timeout, |n| Duration::from_secs(n.into())),
+            max_age: r.number("WEBHOOK_MAX_AGE", 60, 30 * 86_400)?.map_or(d.max_age, |n| Duration::from_secs(n.into())),
+            ..d
+        })
+    });
+    Ok((policy, settings.transpose()?))
 }
 
 impl AuthSettings {
@@ -285,6 +357,29 @@ impl DbSettings {
                 .number("MEMORY_MAX_CALLS", 1, 100_000_000)?
                 .map_or(ivr_core::store::DEFAULT_MEMORY_MAX_CALLS, |n| n as usize),
         })
+    }
+}
+
+/// The host name, made fit for an instance id: stable across restarts on one host (or of one
+/// container), and different between hosts. Two instances on one host need INSTANCE_ID.
+fn default_instance_id() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: the buffer is valid for its length; gethostname NUL-terminates what fits.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let name = if ok {
+        String::from_utf8_lossy(buf.split(|b| *b == 0).next().unwrap_or(&[])).into_owned()
+    } else {
+        String::new()
+    };
+    let name: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.') { c } else { '-' })
+        .take(64)
+        .collect();
+    if name.is_empty() {
+        "ivr".into()
+    } else {
+        name
     }
 }
 
@@ -351,12 +446,35 @@ mod tests {
         assert_eq!(s.db.memory_max_calls, 10);
         assert_eq!(s.login, LoginLimits::default());
         assert!(s.trusted_proxies.is_empty() && !s.policy.is_set());
+        assert_eq!(s.call_retention, None, "retention is off by default");
         assert_eq!((s.manager.max_calls_per_second, s.manager.max_queued_calls), (10, 1000));
         let unpaced = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("MAX_CALLS_PER_SECOND", "0")]).unwrap();
         assert_eq!(unpaced.manager.max_calls_per_second, 0, "0 lifts the limit");
         assert_eq!(s.ari.max_connections, 20);
         let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("ARI_MAX_CONNECTIONS", "50")]).unwrap();
         assert_eq!(s.ari.max_connections, 50);
+    }
+
+    #[test]
+    fn instance_id_defaults_to_the_host_name_and_is_checked() {
+        let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")]).unwrap();
+        assert_eq!(s.instance.instance_id, default_instance_id());
+        assert_eq!(s.instance.lease_ttl, Duration::from_secs(15));
+        assert!(!s.instance.instance_id.is_empty());
+        let again = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")]).unwrap();
+        assert_eq!(again.instance.instance_id, s.instance.instance_id, "stable from one start to the next");
+        let s = load(&[
+            ("SECRET_KEY", KEY),
+            ("ARI_PASSWORD", "pw"),
+            ("INSTANCE_ID", "ivr-2"),
+            ("INSTANCE_LEASE_SECONDS", "3"),
+        ])
+        .unwrap();
+        assert_eq!((s.instance.instance_id.as_str(), s.instance.lease_ttl), ("ivr-2", Duration::from_secs(3)));
+        for bad in ["a/b", "two words", &"x".repeat(65)] {
+            let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("INSTANCE_ID", bad)]).unwrap_err();
+            assert_eq!(e.variable, "INSTANCE_ID");
+        }
     }
 
     #[test]
@@ -369,8 +487,10 @@ mod tests {
             ("TRUSTED_PROXIES", "10.0.0.0/8"),
             ("MAX_CONNECTIONS", "5"),
             ("LOGIN_SLOWDOWN_MS", "0"),
+            ("CALL_RETENTION_DAYS", "90"),
         ])
         .unwrap();
+        assert_eq!(s.call_retention, Some(Duration::from_secs(90 * 86_400)));
         assert_eq!(s.policy.denied(), ["+1900", "+1976"]);
         assert_eq!(s.policy.allowed(), ["+1"]);
         assert_eq!(s.trusted_proxies.to_string(), "10.0.0.0/8");
@@ -417,6 +537,9 @@ mod tests {
             ("STATUS_CACHE_BYTES", "-1"),
             ("USER_CACHE_SECONDS", "61"),
             ("MEMORY_MAX_CALLS", "0"),
+            ("INSTANCE_LEASE_SECONDS", "1"),
+            ("CALL_RETENTION_DAYS", "0"),
+            ("CALL_RETENTION_DAYS", "ninety"),
         ] {
             let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), (var, bad)]).unwrap_err();
             assert_eq!(e.variable, var, "{e}");
@@ -442,5 +565,43 @@ mod tests {
     fn disable_db_drops_the_url() {
         let s = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), ("DISABLE_DB", "true")]).unwrap();
         assert!(s.db.database_url.is_none());
+    }
+
+    #[test]
+    fn webhooks() {
+        let base = [("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw")];
+        let with = |extra: &[(&str, &str)]| load(&[&base[..], extra].concat());
+        let off = with(&[]).unwrap();
+        assert!(off.webhooks.is_none() && !off.manager.callbacks.enabled);
+
+        let on = with(&[
+            ("WEBHOOK_SECRET", "whsec-0123456789abcdef"),
+            ("WEBHOOK_ALLOWED_HOSTS", " Hooks.Example , 10.0.0.5:8080 ,"),
+            ("WEBHOOK_DEFAULT_URL", "http://crm.example/ivr"),
+            ("WEBHOOK_MAX_AGE", "3600"),
+        ])
+        .unwrap();
+        let w = on.webhooks.expect("enabled by the secret");
+        assert_eq!((w.max_age, w.timeout), (Duration::from_secs(3600), Duration::from_secs(10)));
+        assert_eq!(on.manager.callbacks.allowed_hosts, ["hooks.example", "10.0.0.5:8080"]);
+        assert_eq!(on.manager.callbacks.check("http://crm.example/other"), Ok(()), "the default URL's host");
+        assert!(!format!("{w:?}").contains("whsec"), "the secret is not in Debug");
+        assert_eq!(
+            with(&[("WEBHOOK_SECRET", "whsec-0123456789abcdef")]).unwrap().webhooks.unwrap().max_age,
+            Duration::from_secs(86_400)
+        );
+
+        for (vars, variable) in [
+            (&[("WEBHOOK_SECRET", "short")][..], "WEBHOOK_SECRET"),
+            (&[("WEBHOOK_DEFAULT_URL", "http://crm.example/")][..], "WEBHOOK_DEFAULT_URL"),
+            (
+                &[("WEBHOOK_SECRET", "whsec-0123456789abcdef"), ("WEBHOOK_DEFAULT_URL", "https://crm.example/")][..],
+                "WEBHOOK_DEFAULT_URL",
+            ),
+            (&[("WEBHOOK_ALLOWED_HOSTS", "a/b")][..], "WEBHOOK_ALLOWED_HOSTS"),
+            (&[("WEBHOOK_SECRET", "whsec-0123456789abcdef"), ("WEBHOOK_MAX_AGE", "5")][..], "WEBHOOK_MAX_AGE"),
+        ] {
+            assert_eq!(with(vars).unwrap_err().variable, variable, "{vars:?}");
+        }
     }
 }

@@ -71,6 +71,11 @@ pub struct CallView {
     pub hangup_cause_text: Option<String>,
     pub attempt_number: u32,
     pub max_attempts: u32,
+    /// Where the call's status changes are POSTed, if anywhere.
+    pub status_callback: Option<String>,
+    /// The statuses POSTed to `status_callback`.
+    #[schema(value_type = Vec<StatusSchema>)]
+    pub status_callback_events: Vec<CallStatus>,
     pub is_active: bool,
     pub is_completed: bool,
     /// Every status the call went through, oldest first.
@@ -101,6 +106,8 @@ impl From<&Call> for CallView {
             hangup_cause_text: call.hangup.as_ref().map(|h| h.text.clone()),
             attempt_number: call.attempt_number,
             max_attempts: call.spec.max_attempts,
+            status_callback: call.spec.status_callback.clone(),
+            status_callback_events: call.spec.status_callback_events.clone(),
             is_active: call.is_active(),
             is_completed: call.is_completed(),
             history: call.history.iter().map(TransitionView::from).collect(),
@@ -215,6 +222,72 @@ impl From<&CallPage> for ListView {
         ListView {
             calls: page.calls.iter().map(CallView::from).collect(),
             next_cursor: page.next.map(|c| c.to_string()),
+        }
+    }
+}
+
+/// `GET /api/v1/calls/{call_id}/deliveries`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = Deliveries)]
+pub struct DeliveriesView {
+    #[schema(format = "uuid")]
+    pub call_id: String,
+    /// Oldest first.
+    pub deliveries: Vec<DeliveryView>,
+}
+
+impl DeliveriesView {
+    pub fn new(call_id: ivr_core::CallId, deliveries: &[ivr_core::webhook::Delivery]) -> Self {
+        DeliveriesView { call_id: call_id.to_string(), deliveries: deliveries.iter().map(DeliveryView::from).collect() }
+    }
+}
+
+/// One status callback: the POST of one change of the call to its `status_callback`.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+#[schema(as = Delivery)]
+pub struct DeliveryView {
+    /// The event's id, sent as `Ivr-Event-Id` (the same on every attempt).
+    #[schema(format = "uuid")]
+    pub event_id: String,
+    /// `call.<status>`.
+    #[serde(rename = "type")]
+    pub event_type: String,
+    #[schema(value_type = StatusSchema)]
+    pub status: CallStatus,
+    pub url: String,
+    /// pending (to be tried at `next_attempt_at`), delivered (a 2xx came back) or failed
+    /// (given up after WEBHOOK_MAX_AGE).
+    #[schema(value_type = String, pattern = "^(pending|delivered|failed)$")]
+    pub state: &'static str,
+    pub attempts: u32,
+    #[serde(with = "time::serde::rfc3339")]
+    #[schema(value_type = String, format = DateTime)]
+    pub created_at: OffsetDateTime,
+    /// When the next attempt is due (pending only).
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    #[schema(value_type = Option<String>, format = DateTime)]
+    pub last_attempt_at: Option<OffsetDateTime>,
+    /// What the last attempt got, e.g. `HTTP 200`, `HTTP 503`, `no answer within 10000 ms`.
+    pub last_result: Option<String>,
+}
+
+impl From<&ivr_core::webhook::Delivery> for DeliveryView {
+    fn from(d: &ivr_core::webhook::Delivery) -> Self {
+        let pending = d.state == ivr_core::webhook::DeliveryState::Pending;
+        DeliveryView {
+            event_id: d.event_id.to_string(),
+            event_type: d.event_type(),
+            status: d.status,
+            url: d.url.clone(),
+            state: d.state.as_str(),
+            attempts: d.attempts,
+            created_at: d.created_at,
+            next_attempt_at: pending.then_some(d.next_attempt_at),
+            last_attempt_at: d.last_attempt_at,
+            last_result: d.last_result.clone(),
         }
     }
 }

@@ -98,7 +98,7 @@ proptest! {
         // The parameter comes back decoded, exactly as it was.
         let got = match &route {
             Route::Interaction { number } => Some(number.clone()),
-            Route::GetCall { call_id } | Route::CancelCall { call_id } | Route::CallEvents { call_id } | Route::Status { call_id } => Some(call_id.clone()),
+            Route::GetCall { call_id } | Route::CancelCall { call_id } | Route::CallEvents { call_id } | Route::CallDeliveries { call_id } | Route::Status { call_id } => Some(call_id.clone()),
             Route::DocsFile { file } => Some(file.clone()),
             _ => None,
         };
@@ -383,4 +383,36 @@ fn an_accepted_call_body_reads_back_as_sent() {
             Ok(())
         })
     });
+}
+
+fn callback_policy() -> ivr_core::webhook::CallbackPolicy {
+    ivr_core::webhook::CallbackPolicy {
+        enabled: true,
+        default_url: Some("http://crm.example:9000/ivr".into()),
+        allowed_hosts: vec![
+            "hooks.example".into(),
+            "10.0.0.5:8080".into(),
+            "[::1]:81".into(),
+            "plain.example:80".into(),
+        ],
+    }
+}
+
+/// A URL from the document's `status_callback` pattern for this policy.
+fn documented_callback() -> impl Strategy<Value = String> {
+    let pattern = ivr_server::openapi::callback_url_pattern(&callback_policy());
+    // The generator takes the pattern without its anchors (it makes whole strings anyway).
+    let body = pattern.strip_prefix('^').and_then(|p| p.strip_suffix('$')).unwrap().to_owned();
+    proptest::string::string_regex(&body).unwrap()
+}
+
+proptest! {
+    #![proptest_config(config(512))]
+
+    /// The document's pattern for status_callback names only URLs the server takes.
+    #[test]
+    fn a_documented_callback_url_is_accepted(url in documented_callback()) {
+        prop_assert!(ivr_server::fields::CallbackUrl::parse(&url).is_ok(), "{url:?}");
+        prop_assert_eq!(callback_policy().check(&url), Ok(()), "{:?}", url);
+    }
 }

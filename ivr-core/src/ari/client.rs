@@ -232,6 +232,14 @@ impl AriClient {
         self.call(Method::GET, &["applications", name], &[], None).await
     }
 
+    /// `POST /applications/{app}/subscription?eventSource=channel:{id}`: `app` hears the
+    /// channel's events from now on (answered_dialplan_subscribe); an instance taking over a
+    /// call placed by another uses it. A channel that is gone is 422 ([`AriError::Status`]).
+    pub async fn subscribe(&self, app: &str, channel_id: &str) -> Result<Application, AriError> {
+        let query = [("eventSource", format!("channel:{channel_id}"))];
+        self.call(Method::POST, &["applications", app, "subscription"], &query, None).await
+    }
+
     async fn call<T: DeserializeOwned>(
         &self,
         method: Method,

@@ -162,6 +162,8 @@ pub(crate) struct Core {
     pub originate_delay: Duration,
     pub fail_next: Option<(u16, Value)>,
     pub originate_count: usize,
+    /// The originates of each channel id asked for, answered or not.
+    pub originates_by_channel: HashMap<String, usize>,
     /// Between `restart()` hanging up the channels and Asterisk coming back.
     pub shutting_down: bool,
     /// Originates refused with 409 since the last restart. Asterisk leaves a half-allocated
@@ -203,6 +205,9 @@ impl Core {
     fn emit(&mut self, ev: Event) {
         for (name, app) in &self.apps {
             let Some(sid) = app.socket else { continue };
+            if ev.only_app.as_ref().is_some_and(|only| only != name) {
+                continue;
+            }
             let subscribed = !ev.subscribe_all_only && ev.channel.as_ref().is_some_and(|c| app.channels.contains(c));
             if !(app.subscribe_all || subscribed) {
                 continue;
@@ -294,6 +299,7 @@ impl State {
                 originate_delay: Duration::ZERO,
                 fail_next: None,
                 originate_count: 0,
+                originates_by_channel: HashMap::new(),
                 shutting_down: false,
                 stuck_ids: 0,
                 apps: BTreeMap::new(),
@@ -748,7 +754,7 @@ impl State {
                 None => 1,
             };
             fail_playbacks(call, core);
-            core.emit(Event::channel("StasisEnd", &call.c1, json!({})));
+            core.emit(stasis_event("StasisEnd", call, json!({})));
             call.loc = Loc::Dialplan;
             start_menu(key, call, core, &context, &exten, priority);
         });
@@ -1001,9 +1007,18 @@ fn c2_tail(call: &mut Call, core: &mut Core) {
     destroy_c2(call, core, 16);
 }
 
+/// StasisStart or StasisEnd of the originated channel, for its application alone.
+fn stasis_event(kind: &str, call: &Call, fields: Value) -> Event {
+    let mut ev = Event::channel(kind, &call.c1, fields);
+    if let Mode::App { app, .. } = &call.mode {
+        ev.only_app = Some(app.clone());
+    }
+    ev
+}
+
 fn stasis_end(call: &mut Call, core: &mut Core) {
     fail_playbacks(call, core);
-    core.emit(Event::channel("StasisEnd", &call.c1, json!({})));
+    core.emit(stasis_event("StasisEnd", call, json!({})));
     var1(call, core, "STASISSTATUS", "SUCCESS");
 }
 
@@ -1166,7 +1181,7 @@ fn answer(key: u64, call: &mut Call, core: &mut Core) {
             }
             call.c1.set_app("Stasis", &data);
             var1(call, core, "STASISSTATUS", "");
-            core.emit(Event::channel("StasisStart", &call.c1, json!({ "args": args })));
+            core.emit(stasis_event("StasisStart", call, json!({ "args": args })));
             call.loc = Loc::Stasis;
             call.was_in_stasis = true;
         }

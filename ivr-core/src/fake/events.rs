@@ -138,6 +138,10 @@ pub(crate) struct Event {
     pub body: Map<String, Value>,
     pub channel: Option<String>,
     pub subscribe_all_only: bool,
+    /// StasisStart and StasisEnd go to the application the channel enters or leaves, and to
+    /// no other: Asterisk sends them to that app (`app_send`), not to the channel's
+    /// subscribers. (Not recorded: no recording has a channel in one app subscribed by another.)
+    pub only_app: Option<String>,
 }
 
 impl Event {
@@ -150,7 +154,7 @@ impl Event {
             body.extend(fields);
         }
         body.insert("asterisk_id".into(), ASTERISK_ID.into());
-        Event { body, channel: None, subscribe_all_only: false }
+        Event { body, channel: None, subscribe_all_only: false, only_app: None }
     }
 
     /// A channel event: `fields` plus the channel snapshot under `channel`.

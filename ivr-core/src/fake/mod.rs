@@ -73,6 +73,8 @@
 //! `PJSIP/callee`): [`CalleePlan::default_for`] gives the recorded `[sim]` plans, and
 //! [`FakeAsterisk::set_plan`] overrides them.
 //!
+//! Several apps may hold sockets at once, one each; an app hears the channels originated into
+//! it and those it subscribed to, but StasisStart/StasisEnd only of channels in it.
 //! After the answer, `app=` channels enter Stasis (`StasisStart`); `continue` (or an originate
 //! with `context`/`extension` instead of `app`) runs the recorded `[ivr-menu]` context: extension
 //! `s` (and `1000`) plays `hello-world` (1.42 s), waits 2 s and hangs up. Any other
@@ -367,6 +369,12 @@ impl FakeAsterisk {
     /// credentials, failed ones included.
     pub fn originate_count(&self) -> usize {
         self.shared.state().core.originate_count
+    }
+
+    /// How many originates asked for the channel id `channel_id` (a call dialled twice shows
+    /// as 2, whichever ivr process sent them).
+    pub fn originates_of(&self, channel_id: &str) -> usize {
+        self.shared.state().core.originates_by_channel.get(channel_id).copied().unwrap_or(0)
     }
 
     /// What the fake has seen so far: requests, and its HTTP session count.

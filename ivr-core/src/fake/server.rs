@@ -428,6 +428,9 @@ async fn originate(
     let (result, waits, delay) = {
         let mut st = shared.state();
         st.core.originate_count += 1;
+        if let Some(id) = &request.channel_id {
+            *st.core.originates_by_channel.entry(id.clone()).or_default() += 1;
+        }
         let result = match st.core.fail_next.take() {
             Some((status, body)) => Err(ApiError { status, body }),
             None => st.originate(request),

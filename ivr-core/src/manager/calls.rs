@@ -68,6 +68,10 @@ impl LiveCalls {
         self.lock().len()
     }
 
+    pub fn ids(&self) -> std::collections::HashSet<CallId> {
+        self.lock().keys().copied().collect()
+    }
+
     pub fn contains(&self, call_id: CallId) -> bool {
         self.lock().contains_key(&call_id)
     }

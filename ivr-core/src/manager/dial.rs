@@ -3,7 +3,9 @@
 //!
 //! An originate that met a connection-level failure (refused, reset, closed before the answer,
 //! no answer in time) is sent again with the same channel id, where a 409 means the earlier
-//! one was placed: a call is stored `failed` only when Asterisk said no.
+//! one was placed — but only once Asterisk says it has no such channel and no event of it came
+//! (a channel that already ended would not answer 409: a resend would dial again). A call is
+//! stored `failed` only when Asterisk said no.
 
 use std::time::Duration;
 
@@ -18,6 +20,9 @@ use crate::error::{Error, Result};
 
 /// How long our channel's end waits for its callee half's end, which carries the cause.
 const SIBLING_WAIT: Duration = Duration::from_millis(250);
+
+/// How long a channel's events may trail ARI's answer that it does not exist.
+const EVENTS_SETTLE: Duration = Duration::from_millis(250);
 
 /// Bounds of the pause between two sends of an originate that got no answer.
 const RESEND_MIN: Duration = Duration::from_millis(100);
@@ -37,6 +42,7 @@ impl CallManager {
     /// Dials the call's current attempt and records the outcome; `reply` hears it.
     pub(crate) async fn place(&self, call: Call, reply: Option<oneshot::Sender<Result<Call>>>) {
         let call_id = call.call_id;
+        self.wait_for_shared_slot().await;
         let result = self.try_place(call).await;
         match reply {
             Some(reply) => {
@@ -47,6 +53,23 @@ impl CallManager {
                     tracing::warn!(%call_id, error = %e, "the call could not be placed");
                 }
             }
+        }
+    }
+
+    /// Beside other instances, the calls-per-second limit holds for all of them together:
+    /// each originate also takes a slot of the bucket they share in PostgreSQL. (This
+    /// process's own bucket, in `pacing.rs`, keeps its queue in order.) If the database does
+    /// not answer, the call goes on with this process's own pacing alone.
+    async fn wait_for_shared_slot(&self) {
+        let shared = &self.shared;
+        let Some(instance) = shared.instance.as_ref().filter(|i| i.is_shared()) else { return };
+        let cps = shared.settings.max_calls_per_second;
+        if cps == 0 {
+            return;
+        }
+        match instance.leases().take_slot(Duration::from_secs(1) / cps).await {
+            Ok(wait) => tokio::time::sleep(wait).await,
+            Err(e) => tracing::warn!(error = %e, "the shared calls-per-second bucket did not answer"),
         }
     }
 
@@ -114,6 +137,9 @@ impl CallManager {
     async fn send_originate(&self, call_id: CallId, request: &OriginateRequest, give_up: Instant) -> Sent {
         let ari = &self.shared.ari;
         let mut pause = RESEND_MIN;
+        let first_sent = Instant::now();
+        // Whether a send so far may have reached Asterisk and been carried out.
+        let mut maybe_placed = false;
         loop {
             self.shared.metrics.originate_requests.inc();
             match ari.originate(request).await {
@@ -128,17 +154,45 @@ impl CallManager {
                     if canceled || Instant::now() + pause > give_up {
                         return Sent::Unanswered(e);
                     }
-                    // We cannot tell whether Asterisk took it. Sending it again with the same
-                    // channel id is safe: a 409 then means it did.
-                    tracing::warn!(%call_id, error = %e, ?pause, "originate unanswered; sending it again");
+                    maybe_placed |= matches!(e, AriError::Timeout(_) | AriError::Transport(_));
                     tokio::time::sleep(pause).await;
                     pause = (pause * 2).min(RESEND_MAX);
+                    if maybe_placed {
+                        if let Some(name) = self.placed_meanwhile(call_id, &request.channel_id, first_sent).await {
+                            return Sent::Placed(name);
+                        }
+                    }
+                    tracing::warn!(%call_id, error = %e, "originate unanswered; sending it again");
                 }
                 Err(e) => {
                     self.count_ari_error(&e);
                     return Sent::Refused(e);
                 }
             }
+        }
+    }
+
+    /// Whether an originate of `channel_id` sent at `sent` without an answer was carried out
+    /// after all: `Some` (with the channel's name, if known) when Asterisk has the channel or
+    /// events of it came, `None` when it looks never placed, so sending it again is safe.
+    ///
+    /// Sending it again blindly would be safe only while the channel lives (a 409 then says it
+    /// was placed): a channel that already ended (a callee that rejects at once) has freed its
+    /// id, and a resend would dial the callee again. Its events say it existed; they may trail
+    /// the `GET`'s 404 a little, hence the wait.
+    async fn placed_meanwhile(&self, call_id: CallId, channel_id: &str, sent: Instant) -> Option<Option<String>> {
+        let heard = || self.shared.calls.with(call_id, |c| c.tracker.heard_since(sent)).unwrap_or(false);
+        if heard() {
+            return Some(None);
+        }
+        match self.shared.ari.get_channel(channel_id).await {
+            Ok(channel) => Some(Some(channel.name)),
+            Err(AriError::NotFound { .. }) => {
+                tokio::time::sleep(EVENTS_SETTLE).await;
+                heard().then_some(None)
+            }
+            // No answer to that either: a resend is still safe from a live duplicate (409).
+            Err(_) => None,
         }
     }
 

@@ -88,6 +88,14 @@ pub(crate) struct Tracker {
     note: Option<String>,
     /// Whether any Dial event of our channel was seen.
     dial_seen: bool,
+    /// Asterisk told the channel's state while every later event of it reaches us: whether
+    /// it was answered cannot have been missed, gap or not (see [`Tracker::confirm_state`]).
+    answer_known: bool,
+    /// Found active, not placed by this tracker's process (a restart, a take-over).
+    adopted: bool,
+    /// A check for a StasisStart that went elsewhere was asked (see
+    /// [`Tracker::wants_stasis_check`]).
+    stasis_check_asked: bool,
 }
 
 /// Which half of the originated channel an event is about.
@@ -143,6 +151,9 @@ impl Tracker {
             pending_end: None,
             note: None,
             dial_seen: false,
+            answer_known: false,
+            adopted: false,
+            stasis_check_asked: false,
         }
     }
 
@@ -156,6 +167,7 @@ impl Tracker {
         tracker.gap = true;
         tracker.dialed = Some(Instant::now());
         tracker.answer_action_started = answered_with_audio;
+        tracker.adopted = true;
         tracker
     }
 
@@ -173,6 +185,27 @@ impl Tracker {
     }
 
     /// We hang the call up: an unanswered end is a cancel, and no answer action is started.
+    /// Asterisk has just told the channel's state (a reconcile's `GET`), and every event of the
+    /// channel from then on reaches us (our socket is up and the channel is ours, or
+    /// subscribed to our application). An answer before it shows in that state, one after it
+    /// comes as an event, so a cancel of a call not answered is a cancel even after a gap.
+    pub fn confirm_state(&mut self) {
+        self.answer_known = true;
+    }
+
+    /// Whether Asterisk should be asked about the channel now, once: an adopted call was
+    /// answered and its answer action has not run. Its StasisStart goes to the application it
+    /// was placed into, which may be another instance's (gone), so it may never reach us; a
+    /// check that finds it waiting in Stasis stands in for it (`reconcile.rs`).
+    pub fn wants_stasis_check(&mut self) -> bool {
+        let due = self.adopted && self.answered && !self.answer_action_started && !self.canceled;
+        if !due || self.stasis_check_asked {
+            return false;
+        }
+        self.stasis_check_asked = true;
+        true
+    }
+
     pub fn cancel(&mut self) {
         self.canceled = true;
     }
@@ -193,6 +226,7 @@ impl Tracker {
     /// already sent; one still queued has no events yet.
     pub fn note_gap(&mut self) {
         self.gap |= self.sent;
+        self.answer_known = false;
     }
 
     /// Whether an event of Asterisk's about this attempt was heard at or after `since`.
@@ -337,7 +371,7 @@ impl Tracker {
         if self.canceled {
             // Our DELETE ends a ringing call and an answered one alike (cause 16): after a gap
             // the answer may have been missed, so only without one is it a cancel.
-            return if self.gap { FailureReason::Lost } else { FailureReason::Canceled };
+            return if self.gap && !self.answer_known { FailureReason::Lost } else { FailureReason::Canceled };
         }
         match self.dial_status.as_deref() {
             Some("BUSY") => return FailureReason::Busy,
@@ -512,6 +546,56 @@ mod tests {
         let end =
             end_of(&mut t, &[(dial("NOANSWER"), Half::Ours), (destroyed("a", 16, "Normal Clearing"), Half::Ours)]);
         assert_eq!(reason(&end), FailureReason::Canceled);
+    }
+
+    /// A call taken over (or heard again after a socket drop) and then canceled: a cancel only
+    /// once Asterisk told its state while its later events reach us, else `lost`.
+    #[test]
+    fn a_cancel_after_a_gap_is_a_cancel_once_the_state_was_confirmed() {
+        let ended = [(destroyed("a", 16, "Normal Clearing"), Half::Ours)];
+        let adopted = || {
+            let mut t =
+                Tracker::adopted(1, AnswerAction::Play { media: "sound:x".into() }, Duration::from_secs(30), false);
+            t.on_event(
+                &AriEvent::ChannelStateChange {
+                    timestamp: String::new(),
+                    channel: channel("a", ChannelState::Ringing),
+                },
+                Half::Ours,
+            );
+            t
+        };
+        let mut unconfirmed = adopted();
+        unconfirmed.cancel();
+        assert_eq!(reason(&end_of(&mut unconfirmed, &ended)), FailureReason::Lost, "the answer may have been missed");
+        let mut confirmed = adopted();
+        confirmed.confirm_state();
+        confirmed.cancel();
+        assert_eq!(reason(&end_of(&mut confirmed, &ended)), FailureReason::Canceled);
+        let mut dropped_since = adopted();
+        dropped_since.confirm_state();
+        dropped_since.note_gap();
+        dropped_since.cancel();
+        assert_eq!(reason(&end_of(&mut dropped_since, &ended)), FailureReason::Lost, "a later gap undoes it");
+    }
+
+    /// An adopted call answered without a StasisStart (it went to the application it was
+    /// placed into): Asterisk is asked once; a call placed here, or one whose action ran, never.
+    #[test]
+    fn an_adopted_call_answered_elsewhere_asks_for_one_stasis_check() {
+        let up = AriEvent::ChannelStateChange { timestamp: String::new(), channel: channel("a", ChannelState::Up) };
+        let action = AnswerAction::Continue { context: "ivr-menu".into(), extension: "s".into(), priority: 1 };
+        let mut adopted = Tracker::adopted(1, action.clone(), Duration::from_secs(30), false);
+        assert!(!adopted.wants_stasis_check(), "not answered yet");
+        adopted.on_event(&up, Half::Ours);
+        assert!(adopted.wants_stasis_check());
+        assert!(!adopted.wants_stasis_check(), "once");
+        let mut ours = tracker();
+        ours.on_event(&up, Half::Ours);
+        assert!(!ours.wants_stasis_check(), "our own StasisStart comes to us");
+        let mut played = Tracker::adopted(1, action, Duration::from_secs(30), true);
+        played.on_event(&up, Half::Ours);
+        assert!(!played.wants_stasis_check(), "its action ran already");
     }
 
     #[test]

@@ -33,6 +33,8 @@ pub(crate) struct Metrics {
     /// How long the event taken last waited in that queue.
     pub event_lag: Gauge,
     pub originate_seconds: Histogram,
+    /// Calls taken over from instances whose lease lapsed.
+    pub takeovers: IntCounter,
 }
 
 impl Metrics {
@@ -80,7 +82,12 @@ impl Metrics {
                 HistogramOpts::new("ivr_originate_duration_seconds", "Time for ARI to accept an originate")
                     .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
             )?,
+            takeovers: IntCounter::new(
+                "ivr_calls_taken_over_total",
+                "Calls taken over from other instances whose lease lapsed",
+            )?,
         };
+        registry.register(Box::new(metrics.takeovers.clone()))?;
         registry.register(Box::new(metrics.originations.clone()))?;
         registry.register(Box::new(metrics.active_calls.clone()))?;
         registry.register(Box::new(metrics.originate_requests.clone()))?;

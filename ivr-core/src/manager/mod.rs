@@ -16,6 +16,8 @@
 //! - `follow.rs`: what one event means for one call (pure, unit-tested);
 //! - `reconcile.rs`: reconcile, deadlines and the sweep, on their own task;
 //! - `updates.rs`: [`CallUpdates`];
+//! - `instance.rs`: this process as one [`Instance`] among several over PostgreSQL (lease,
+//!   take-overs, cancels from other instances, `LISTEN`), or alone on SQLite;
 //! - this file: the handle, admission, cancel, and the event loop, which only interprets
 //!   events and never awaits the store or ARI.
 //!
@@ -48,6 +50,7 @@ mod calls;
 mod dial;
 // `pub(crate)` for `crate::ingest`, the event path without a store (benchmarks).
 pub(crate) mod follow;
+mod instance;
 mod metrics;
 mod pacing;
 mod reconcile;
@@ -56,6 +59,7 @@ mod updates;
 
 use calls::LiveCalls;
 use follow::Tracker;
+pub use instance::{Instance, InstanceSettings};
 use metrics::Metrics;
 use pacing::Pacer;
 pub use request::CallRequest;
@@ -93,6 +97,8 @@ pub struct ManagerSettings {
     pub answered_silence: Duration,
     /// How often deadlines are checked.
     pub sweep_interval: Duration,
+    /// Which status callbacks a call may ask for (off by default).
+    pub callbacks: crate::webhook::CallbackPolicy,
 }
 
 impl Default for ManagerSettings {
@@ -113,6 +119,7 @@ impl Default for ManagerSettings {
             ring_grace: Duration::from_secs(30),
             answered_silence: Duration::from_secs(3600),
             sweep_interval: Duration::from_secs(5),
+            callbacks: crate::webhook::CallbackPolicy::default(),
         }
     }
 }
@@ -144,11 +151,16 @@ struct Shared {
     reconcile: Notify,
     connected: AtomicBool,
     startup_time: Mutex<Option<String>>,
+    /// This process's lease, on a SQL store (`instance.rs`).
+    instance: Option<Instance>,
 }
 
 /// How long `originate` waits for a call dialled at once to be placed before it answers with
 /// the call as it stands (`pending`); the placing goes on.
 const PLACE_WAIT: Duration = Duration::from_secs(15);
+
+/// How long after an adopted call's answer Asterisk is asked whether it waits in Stasis.
+const STASIS_CHECK_DELAY: Duration = Duration::from_millis(250);
 
 /// How long `cancel` waits for its transition to be recorded.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
@@ -161,6 +173,20 @@ impl CallManager {
         store: Arc<dyn CallStore>,
         settings: ManagerSettings,
         registry: &Registry,
+    ) -> Result<Self> {
+        Self::with_instance(ari, store, settings, registry, None)
+    }
+
+    /// [`new`](Self::new) for an instance that joined a SQL store ([`Instance::join`]): it
+    /// renews its lease, and on PostgreSQL shares the calls, the pacing and the event streams
+    /// with the other instances. `ari` must be configured with [`Instance::app`] and `store`
+    /// should be [`Instance::owning`] it.
+    pub fn with_instance(
+        ari: AriClient,
+        store: Arc<dyn CallStore>,
+        settings: ManagerSettings,
+        registry: &Registry,
+        instance: Option<Instance>,
     ) -> Result<Self> {
         if !settings.endpoint_template.contains("{number}") {
             return Err(Error::InvalidRequest("the endpoint template must contain {number}".into()));
@@ -178,6 +204,7 @@ impl CallManager {
                 reconcile: Notify::new(),
                 connected: AtomicBool::new(false),
                 startup_time: Mutex::new(None),
+                instance,
             }),
         })
     }
@@ -295,6 +322,12 @@ impl CallManager {
         if call.status.is_terminal() {
             return Err(Error::NotCancelable { call_id, status: call.status });
         }
+        if !shared.calls.contains(call_id) {
+            // Followed by another instance: it is asked (one writer per call).
+            if let Some(answer) = self.cancel_elsewhere(&call).await? {
+                return Ok(answer);
+            }
+        }
         let tracked = shared.calls.with(call_id, |c| c.tracker.cancel()).is_some();
         let cancel = |cause: &str| {
             Transition::new(Step::Ended { reason_if_unanswered: FailureReason::Canceled }, cause)
@@ -337,10 +370,17 @@ impl CallManager {
         let stats = events.stats();
         let metrics = &self.shared.metrics;
         let background = [tokio::spawn(reconcile::run(self.clone())), tokio::spawn(pacing::dispatch(self.clone()))];
+        // Renewals and take-overs, on a task of their own; it ends only if the lease is lost.
+        let mut lease = tokio::spawn(instance::run(self.clone()));
         tokio::pin!(shutdown);
+        let mut outcome = Ok(());
         loop {
             tokio::select! {
                 _ = &mut shutdown => break,
+                lost = &mut lease => {
+                    outcome = Err(lost.unwrap_or(Error::LeaseLost));
+                    break;
+                }
                 item = events.next() => match item {
                     Some(item) => {
                         metrics.event_queue_depth.set(i64::try_from(stats.queue_depth()).unwrap_or(i64::MAX));
@@ -354,9 +394,13 @@ impl CallManager {
         for task in background {
             task.abort();
         }
+        lease.abort();
         self.shared.connected.store(false, Ordering::Relaxed);
         metrics.ari_connected.set(0);
-        Ok(())
+        if let (Some(instance), Ok(())) = (&self.shared.instance, &outcome) {
+            instance.leave().await;
+        }
+        outcome
     }
 
     /// Counts a failed ARI request, by kind only.
@@ -393,20 +437,29 @@ impl CallManager {
 
     fn on_event(&self, event: AriEvent) {
         let Some((call_id, attempt, half)) = follow::route(&event) else { return };
-        let command = self.shared.calls.with(call_id, |c| {
+        let reacted = self.shared.calls.with(call_id, |c| {
             if c.tracker.attempt() != attempt {
-                return None;
+                return (None, None);
             }
             let reaction = c.tracker.on_event(&event, half);
             if let Some(transition) = reaction.transition {
                 c.send(transition);
             }
-            reaction.command
+            (reaction.command, c.tracker.wants_stasis_check().then(|| c.current()))
         });
         tracing::debug!(%call_id, event = event.kind(), "ARI event");
-        if let Some(Some(command)) = command {
+        let Some((command, stasis_check)) = reacted else { return };
+        if let Some(command) = command {
             let manager = self.clone();
             tokio::spawn(async move { manager.run_command(call_id, attempt, command).await });
+        }
+        if let Some(call) = stasis_check {
+            let manager = self.clone();
+            tokio::spawn(async move {
+                // A StasisStart that does come (our own application's) comes first.
+                tokio::time::sleep(STASIS_CHECK_DELAY).await;
+                manager.check_with_asterisk(vec![call], &Default::default()).await;
+            });
         }
     }
 }

@@ -13,7 +13,7 @@
 //! - the channel is gone and no event of it came since the check began: it ended unseen, so
 //!   the call ends with what was seen (`lost` if it was never answered).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use futures_util::stream::{self, StreamExt};
 use tokio::time::Instant;
@@ -22,7 +22,7 @@ use super::follow::Tracker;
 use super::request::answer_action;
 use super::CallManager;
 use crate::ari::{AriError, AriEvent, Channel, ChannelState};
-use crate::call::{Call, CallStatus, FailureReason, Step, Transition};
+use crate::call::{Call, CallId, CallStatus, FailureReason, Step, Transition};
 
 /// At least this many calls to check: one listing of every channel instead of one GET each.
 const LIST_FROM: usize = 8;
@@ -54,10 +54,28 @@ impl CallManager {
         let shared = &self.shared;
         shared.metrics.reconcile_runs.inc();
         self.note_startup_time().await;
-        let calls = match shared.store.list_active().await {
+        let mut calls = match shared.store.list_active().await {
             Ok(calls) => calls,
             Err(e) => return tracing::error!(error = %e, "reconcile: store unavailable"),
         };
+        if let Some(instance) = shared.instance.as_ref().filter(|i| i.is_shared()) {
+            // Beside other instances: only the calls this one follows (the others' are
+            // theirs, and those of lapsed leases are claimed first).
+            match instance.leases().owned(instance.lease()).await {
+                Ok(owned) => {
+                    let owned: std::collections::HashSet<_> = owned.into_iter().collect();
+                    calls.retain(|c| owned.contains(&c.call_id));
+                }
+                Err(e) => return tracing::error!(error = %e, "reconcile: store unavailable"),
+            }
+        }
+        self.reconcile_calls(calls).await;
+    }
+
+    /// Resumes the queued calls among `calls` that are not followed here, and checks the
+    /// others with Asterisk.
+    pub(crate) async fn reconcile_calls(&self, calls: Vec<Call>) {
+        let shared = &self.shared;
         let mut resume = Vec::new();
         let mut check = Vec::new();
         for call in calls {
@@ -77,7 +95,8 @@ impl CallManager {
             }
         }
         shared.metrics.queued_calls.set(shared.pacer.queued() as i64);
-        self.check_with_asterisk(check).await;
+        let deaf = self.subscribe_taken_over(&check).await;
+        self.check_with_asterisk(check, &deaf).await;
     }
 
     /// Asks Asterisk about the calls whose deadline passed without an end.
@@ -86,11 +105,37 @@ impl CallManager {
         let overdue = self.shared.calls.overdue(Instant::now(), settings.ring_grace, settings.answered_silence);
         if !overdue.is_empty() {
             tracing::info!(calls = overdue.len(), "deadline passed without an end; asking Asterisk");
-            self.check_with_asterisk(overdue).await;
+            self.check_with_asterisk(overdue, &HashSet::new()).await;
         }
     }
 
-    async fn check_with_asterisk(&self, calls: Vec<Call>) {
+    /// Beside other instances, a call this one did not place may have been placed into
+    /// another's application: its channel is subscribed to ours before it is checked, so no
+    /// event falls between the check and the subscription. Returns the calls whose
+    /// subscription failed (their events may not reach us).
+    async fn subscribe_taken_over(&self, calls: &[Call]) -> HashSet<CallId> {
+        let shared = &self.shared;
+        let mut deaf = HashSet::new();
+        if !shared.instance.as_ref().is_some_and(|i| i.is_shared()) {
+            return deaf;
+        }
+        let app = &shared.ari.config().app;
+        for call in calls.iter().filter(|c| !shared.calls.contains(c.call_id)) {
+            match shared.ari.subscribe(app, &call.channel_id()).await {
+                Ok(_) => {}
+                // Gone already: the check ends the call.
+                Err(AriError::Status { status: 422, .. }) | Err(AriError::NotFound { .. }) => {}
+                Err(e) => {
+                    tracing::warn!(call_id = %call.call_id, error = %e, "could not subscribe to a taken-over channel");
+                    self.count_ari_error(&e);
+                    deaf.insert(call.call_id);
+                }
+            }
+        }
+        deaf
+    }
+
+    pub(crate) async fn check_with_asterisk(&self, calls: Vec<Call>, deaf: &HashSet<CallId>) {
         if calls.is_empty() {
             return;
         }
@@ -132,16 +177,21 @@ impl CallManager {
                 .await
         };
         for (call, channel) in found {
-            self.settle(call, channel, started).await;
+            let listening = self.is_connected() && !deaf.contains(&call.call_id);
+            self.settle(call, channel, started, listening).await;
         }
     }
 
     /// Brings one active call in line with what Asterisk said of its channel.
-    async fn settle(&self, call: Call, channel: Result<Option<Channel>, AriError>, asked: Instant) {
+    /// `listening`: every event of the channel from the check on reaches us.
+    async fn settle(&self, call: Call, channel: Result<Option<Channel>, AriError>, asked: Instant, listening: bool) {
         let call_id = call.call_id;
         match channel {
             Ok(Some(channel)) => {
                 self.take_over(&call);
+                if listening {
+                    self.shared.calls.with(call_id, |c| c.tracker.confirm_state());
+                }
                 // Answered and still waiting in our application: its StasisStart was missed
                 // (or its follower stopped right after it), so the answer action is still due.
                 let waiting_in_stasis = channel.state == ChannelState::Up

@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::follow::AnswerAction;
 use super::ManagerSettings;
-use crate::call::{CallSpec, PhoneNumber};
+use crate::call::{CallSpec, CallStatus, PhoneNumber};
 use crate::error::{Error, Result};
 
 /// What a caller asks for. Unset fields take the settings' defaults.
@@ -33,6 +33,11 @@ pub struct CallRequest {
     pub variables: BTreeMap<String, String>,
     /// Attempts in all (1 = no retry).
     pub max_attempts: Option<u32>,
+    /// Where to POST the call's changes (default: the policy's default URL, if any); checked
+    /// against [`CallbackPolicy`](crate::webhook::CallbackPolicy).
+    pub status_callback: Option<String>,
+    /// Which statuses to POST (default: answered, completed, failed).
+    pub status_callback_events: Option<Vec<CallStatus>>,
     #[serde(skip)]
     pub idempotency_key: Option<String>,
 }
@@ -89,6 +94,8 @@ impl CallRequest {
         if let Some(key) = &self.idempotency_key {
             check_text("idempotency key", key, CallRequest::MAX_IDEMPOTENCY_KEY)?;
         }
+        let (status_callback, status_callback_events) =
+            s.callbacks.resolve(self.status_callback, self.status_callback_events).map_err(Error::InvalidRequest)?;
         Ok(CallSpec {
             phone_number,
             context,
@@ -100,6 +107,8 @@ impl CallRequest {
             variables: self.variables,
             max_attempts,
             idempotency_key: self.idempotency_key,
+            status_callback,
+            status_callback_events,
         })
     }
 }

@@ -31,6 +31,11 @@ pub(crate) fn encode(call: &Call) -> Box<[u8]> {
     }
     uint(&mut w, spec.max_attempts.into());
     option(&mut w, spec.idempotency_key.as_deref(), text);
+    option(&mut w, spec.status_callback.as_deref(), text);
+    uint(&mut w, spec.status_callback_events.len() as u64);
+    for event in &spec.status_callback_events {
+        status(&mut w, *event);
+    }
     status(&mut w, call.status);
     option(&mut w, call.channel.as_deref(), text);
     instant(&mut w, call.created_at);
@@ -76,6 +81,8 @@ pub(crate) fn decode(bytes: &[u8]) -> Option<Call> {
         },
         max_attempts: r.u32()?,
         idempotency_key: r.option(Reader::text)?,
+        status_callback: r.option(Reader::text)?,
+        status_callback_events: (0..r.uint()?).map(|_| r.status()).collect::<Option<_>>()?,
     };
     let status = r.status()?;
     let channel = r.option(Reader::text)?;
@@ -214,6 +221,8 @@ mod tests {
         spec.variables.insert("CALLERNAME".into(), "Zoë ☎".into());
         spec.idempotency_key = Some("key-1".into());
         spec.max_attempts = 3;
+        spec.status_callback = Some("http://hooks.example/ivr".into());
+        spec.status_callback_events = vec![CallStatus::Answered, CallStatus::Completed];
         let mut call = Call::new(CallId::new(), spec, crate::call::now());
         let ended = Step::Ended { reason_if_unanswered: FailureReason::Busy };
         for t in [

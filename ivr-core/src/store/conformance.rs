@@ -26,8 +26,12 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use time::{Duration, OffsetDateTime};
 
 use super::{Applied, CallQuery, CallStore};
+
+mod retention;
 use crate::call::{Call, CallId, CallSpec, CallStatus, FailureReason, Hangup, Ignored, PhoneNumber, Step, Transition};
 use crate::error::{Conflict, Error};
+use crate::webhook::{Attempt, DeliveryState};
+pub use retention::{purge_deletes_only_calls_ended_before_the_cutoff, purge_goes_in_batches_oldest_first};
 
 /// A fresh store for one check, with whatever must live as long as it (a temp dir, say).
 pub struct Fixture {
@@ -75,6 +79,11 @@ macro_rules! call_store_conformance {
             racing_writers_one_wins,
             filters_and_pagination_over_10000_calls,
             active_calls_are_listed,
+            outbox_is_written_with_the_transition,
+            racing_claimers_each_delivery_once,
+            purging_a_call_purges_its_deliveries,
+            purge_deletes_only_calls_ended_before_the_cutoff,
+            purge_goes_in_batches_oldest_first,
         );
     };
     (@checks $factory:path; $($check:ident),* $(,)?) => {
@@ -105,6 +114,8 @@ pub fn new_call(number: &str) -> CallSpec {
         variables: BTreeMap::new(),
         max_attempts: 1,
         idempotency_key: None,
+        status_callback: None,
+        status_callback_events: Vec::new(),
     }
 }
 
@@ -140,6 +151,8 @@ pub async fn round_trip_of_every_field(store: Arc<dyn CallStore>) {
             variables: BTreeMap::from([("GREETING".into(), "grüß dich".into()), ("X".into(), "".into())]),
             max_attempts: 3,
             idempotency_key: Some("key-ключ-1".into()),
+            status_callback: Some("http://hooks.example:8080/ivr?ü=1".into()),
+            status_callback_events: vec![CallStatus::Ringing, CallStatus::Completed],
         },
         instant(0),
     );
@@ -529,4 +542,127 @@ pub async fn keeps_at_most_max_ended_calls(store: Arc<dyn CallStore>, max_ended:
     let first_gone_key = format!("bound-{}", max_ended + 2);
     assert!(store.get_by_idempotency_key(&first_gone_key).await.unwrap().is_none());
     assert_eq!(store.get_by_idempotency_key("bound-0").await.unwrap().map(|c| c.call_id), Some(created[0]));
+}
+
+/// A call that asks for the status callbacks of `events`.
+fn watched(number: &str, events: &[CallStatus]) -> CallSpec {
+    CallSpec {
+        status_callback: Some("http://hooks.example/ivr".into()),
+        status_callback_events: events.to_vec(),
+        ..new_call(number)
+    }
+}
+
+fn attempt(state: DeliveryState, at_ms: i64, next_ms: i64) -> Attempt {
+    Attempt { at: instant(at_ms), result: format!("test {at_ms}"), state, next_attempt_at: instant(next_ms) }
+}
+
+/// The outbox is written with the transitions it tells of: one delivery per selected change,
+/// with the call as that change left it; none for an ignored transition or a call without a
+/// callback; claims hand out a call's deliveries one at a time, in order, leased; an attempt
+/// is recorded and ends the lease.
+pub async fn outbox_is_written_with_the_transition(store: Arc<dyn CallStore>) {
+    let events = [CallStatus::Pending, CallStatus::Answered, CallStatus::Completed];
+    let call = Call::new(CallId::new(), watched("+15550000001", &events), instant(0));
+    store.insert(&call).await.unwrap();
+    let silent = Call::new(CallId::new(), new_call("+15550000002"), instant(0));
+    store.insert(&silent).await.unwrap();
+    let mut snapshots = vec![call.clone()];
+    for s in [Step::Sent, Step::Dialing, Step::Answered] {
+        let applied = store.apply(call.call_id, &step(s, "test", 10)).await.unwrap();
+        if s == Step::Answered {
+            snapshots.push(applied.into_call());
+        }
+    }
+    assert!(!store.apply(call.call_id, &step(Step::Ringing, "late", 11)).await.unwrap().is_changed());
+    assert!(store.deliveries(silent.call_id).await.unwrap().is_empty(), "no callback, no outbox");
+    assert!(store.deliveries(CallId::new()).await.unwrap().is_empty());
+
+    let outbox = store.deliveries(call.call_id).await.unwrap();
+    assert_eq!(outbox.iter().map(|d| d.status).collect::<Vec<_>>(), [CallStatus::Pending, CallStatus::Answered]);
+    for (d, snapshot) in outbox.iter().zip(&snapshots) {
+        assert_eq!(&d.call, snapshot, "the call as the transition left it");
+        assert_eq!((d.state, d.attempts, d.last_result.as_deref()), (DeliveryState::Pending, 0, None));
+        assert_eq!(d.url, "http://hooks.example/ivr");
+        assert_eq!(d.transition().map(|t| t.status), Some(d.status));
+    }
+    assert_ne!(outbox[0].event_id, outbox[1].event_id);
+    assert_eq!(store.outbox_depth().await.unwrap(), 2);
+
+    // Nothing is due before its time; then only the call's first, leased to one claimer.
+    assert!(store.claim_deliveries(instant(-1), instant(1_000), 10).await.unwrap().is_empty());
+    let first = store.claim_deliveries(instant(100), instant(1_000), 10).await.unwrap();
+    assert_eq!(first.iter().map(|d| d.event_id).collect::<Vec<_>>(), [outbox[0].event_id]);
+    assert!(store.claim_deliveries(instant(200), instant(1_000), 10).await.unwrap().is_empty(), "leased");
+    // A lease that ended (its claimer died) is claimed again.
+    let again = store.claim_deliveries(instant(1_000), instant(2_000), 10).await.unwrap();
+    assert_eq!(again.iter().map(|d| d.event_id).collect::<Vec<_>>(), [outbox[0].event_id]);
+
+    store.record_attempt(outbox[0].event_id, &attempt(DeliveryState::Pending, 1_100, 5_000)).await.unwrap();
+    assert!(store.claim_deliveries(instant(4_999), instant(9_000), 10).await.unwrap().is_empty(), "in order");
+    let retried = &store.deliveries(call.call_id).await.unwrap()[0];
+    assert_eq!((retried.attempts, retried.last_result.as_deref()), (1, Some("test 1100")));
+    assert_eq!((retried.last_attempt_at, retried.next_attempt_at), (Some(instant(1_100)), instant(5_000)));
+    let due = store.claim_deliveries(instant(5_000), instant(9_000), 10).await.unwrap();
+    assert_eq!(due.len(), 1);
+    store.record_attempt(outbox[0].event_id, &attempt(DeliveryState::Delivered, 5_001, 5_001)).await.unwrap();
+    let next = store.claim_deliveries(instant(5_002), instant(9_000), 10).await.unwrap();
+    assert_eq!(next.iter().map(|d| d.event_id).collect::<Vec<_>>(), [outbox[1].event_id], "then the next");
+    store.record_attempt(outbox[1].event_id, &attempt(DeliveryState::Failed, 5_003, 5_003)).await.unwrap();
+    assert_eq!(store.outbox_depth().await.unwrap(), 0);
+    assert!(store.claim_deliveries(instant(99_999), instant(100_000), 10).await.unwrap().is_empty());
+    let done = store.deliveries(call.call_id).await.unwrap();
+    assert_eq!(
+        done.iter().map(|d| (d.state, d.attempts)).collect::<Vec<_>>(),
+        [(DeliveryState::Delivered, 2), (DeliveryState::Failed, 1)]
+    );
+}
+
+/// Of claimers racing over many calls' deliveries, each delivery goes to exactly one.
+pub async fn racing_claimers_each_delivery_once(store: Arc<dyn CallStore>) {
+    let mut expected = HashSet::new();
+    for i in 0..40 {
+        let call = Call::new(CallId::new(), watched("+15550000003", &[CallStatus::Pending]), instant(i));
+        store.insert(&call).await.unwrap();
+        expected.insert(store.deliveries(call.call_id).await.unwrap()[0].event_id);
+    }
+    let claims = (0..8).map(|_| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut mine = Vec::new();
+            loop {
+                let claimed = store.claim_deliveries(instant(1_000), instant(60_000), 3).await.unwrap();
+                if claimed.is_empty() {
+                    return mine;
+                }
+                mine.extend(claimed.into_iter().map(|d| d.event_id));
+            }
+        })
+    });
+    let mut seen = Vec::new();
+    for claim in claims {
+        seen.extend(claim.await.unwrap());
+    }
+    assert_eq!(seen.len(), expected.len(), "no delivery claimed twice");
+    assert_eq!(seen.into_iter().collect::<HashSet<_>>(), expected);
+}
+
+/// Retention: purging an ended call deletes its status callbacks with it, pending ones too;
+/// the deliveries of a call that is kept stay.
+pub async fn purging_a_call_purges_its_deliveries(store: Arc<dyn CallStore>) {
+    let events = [CallStatus::Pending, CallStatus::Failed];
+    let old = Call::new(CallId::new(), watched("+15550000001", &events), instant(0));
+    let kept = Call::new(CallId::new(), watched("+15550000002", &events), instant(0));
+    for call in [&old, &kept] {
+        store.insert(call).await.unwrap();
+    }
+    store.apply(old.call_id, &step(ended(FailureReason::Rejected), "rejected", 10)).await.unwrap();
+    assert_eq!(store.deliveries(old.call_id).await.unwrap().len(), 2);
+    assert_eq!(store.outbox_depth().await.unwrap(), 3);
+    assert_eq!(store.purge_ended(instant(1_000)).await.unwrap(), 1);
+    assert!(store.deliveries(old.call_id).await.unwrap().is_empty(), "purged with the call");
+    assert_eq!(store.deliveries(kept.call_id).await.unwrap().len(), 1);
+    assert_eq!(store.outbox_depth().await.unwrap(), 1);
+    let claimed = store.claim_deliveries(instant(2_000), instant(3_000), 10).await.unwrap();
+    assert_eq!(claimed.iter().map(|d| d.call_id).collect::<Vec<_>>(), [kept.call_id]);
 }

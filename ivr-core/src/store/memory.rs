@@ -1,18 +1,25 @@
 //! The in-memory store: what DISABLE_DB mode runs on. Nothing survives the process.
 //!
+//! A purge takes at most one batch per write lock, so readers get in between batches.
+//!
 //! It keeps at most `max_ended` ended calls (`MEMORY_MAX_CALLS`, default
-//! [`DEFAULT_MEMORY_MAX_CALLS`]); past that the call that ended first goes. Active calls are
-//! never let go. An ended call never changes again, so it is kept compact (`compact.rs`, a few
-//! hundred bytes) and read back on `get`; `examples/memory_rss.rs` measures the memory a call.
+//! [`DEFAULT_MEMORY_MAX_CALLS`]); past that the call that ended first goes, as a purge would
+//! take it. Active calls are never let go. An ended call never changes again, so it is kept
+//! compact (`compact.rs`, a few hundred bytes) and read back on `get`;
+//! `examples/memory_rss.rs` measures the memory a call takes.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::RwLock;
 
 use async_trait::async_trait;
 
+use time::OffsetDateTime;
+use uuid::Uuid;
+
 use super::{compact, micros, Applied, CallPage, CallQuery, CallStore};
 use crate::call::{Call, CallId, Transition};
 use crate::error::{Conflict, Error, Result};
+use crate::webhook::{outbox_entries, Attempt, Delivery, DeliveryState};
 
 /// How many ended calls the memory store keeps unless told otherwise.
 pub const DEFAULT_MEMORY_MAX_CALLS: usize = 100_000;
@@ -29,16 +36,6 @@ impl Default for MemoryCallStore {
     fn default() -> Self {
         Self::with_max_ended(DEFAULT_MEMORY_MAX_CALLS)
     }
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    calls: HashMap<CallId, Slot>,
-    by_key: HashMap<String, CallId>,
-    /// (created_at µs, id) of every call: the list order.
-    order: BTreeSet<(i64, CallId)>,
-    /// (created_at µs, id) of the ended calls, in the order they ended: the eviction order.
-    ended: VecDeque<(i64, CallId)>,
 }
 
 /// A call as kept: an active one whole, an ended one compact.
@@ -66,26 +63,68 @@ impl Slot {
     }
 }
 
+#[derive(Debug, Default)]
+struct Inner {
+    calls: HashMap<CallId, Slot>,
+    by_key: HashMap<String, CallId>,
+    /// (created_at µs, id) of every call: the list order.
+    order: BTreeSet<(i64, CallId)>,
+    /// (ended_at µs, id) of every terminal call: the purge order.
+    ended: BTreeSet<(i64, CallId)>,
+    /// Each call's status-callback deliveries, oldest first, with their leases. Purging a
+    /// call removes its entry here too.
+    outbox: HashMap<CallId, Vec<Outboxed>>,
+    /// The call of each delivery.
+    event_calls: HashMap<Uuid, CallId>,
+}
+
+#[derive(Debug)]
+struct Outboxed {
+    delivery: Delivery,
+    lease_until: Option<OffsetDateTime>,
+}
+
 impl Inner {
     fn call(&self, call_id: &CallId) -> Option<Call> {
         self.calls.get(call_id).map(Slot::call)
     }
 
-    /// Keeps `call` (new, or its new state); an ended call counts against `max_ended`.
+    /// Keeps `call` (new, or its new state); past `max_ended` ended calls, the first to end goes.
     fn keep(&mut self, call: &Call, max_ended: usize) {
-        let slot = Slot::of(call);
-        if matches!(slot, Slot::Ended(_)) {
-            self.ended.push_back((micros(call.created_at), call.call_id));
-        }
-        self.calls.insert(call.call_id, slot);
+        self.calls.insert(call.call_id, Slot::of(call));
+        self.note_end(call);
         while self.ended.len() > max_ended {
-            let Some((created, id)) = self.ended.pop_front() else { break };
-            if let Some(gone) = self.calls.remove(&id) {
-                if let Some(key) = gone.call().spec.idempotency_key {
-                    self.by_key.remove(&key);
-                }
+            let Some(first) = self.ended.pop_first() else { break };
+            self.remove(first.1);
+        }
+    }
+
+    /// Lets an ended call go, with its key and its status callbacks.
+    fn remove(&mut self, call_id: CallId) {
+        if let Some(gone) = self.calls.remove(&call_id) {
+            let call = gone.call();
+            self.order.remove(&(micros(call.created_at), call_id));
+            if let Some(key) = &call.spec.idempotency_key {
+                self.by_key.remove(key);
             }
-            self.order.remove(&(created, id));
+        }
+        for gone in self.outbox.remove(&call_id).into_iter().flatten() {
+            self.event_calls.remove(&gone.delivery.event_id);
+        }
+    }
+
+    /// Files `call` under its end, once it has one.
+    fn note_end(&mut self, call: &Call) {
+        if let (true, Some(at)) = (call.is_completed(), call.ended_at) {
+            self.ended.insert((micros(at), call.call_id));
+        }
+    }
+
+    /// Writes the outbox rows of `call.history[from..]`.
+    fn enqueue(&mut self, call: &Call, from: usize) {
+        for delivery in outbox_entries(call, from) {
+            self.event_calls.insert(delivery.event_id, call.call_id);
+            self.outbox.entry(call.call_id).or_default().push(Outboxed { delivery, lease_until: None });
         }
     }
 }
@@ -136,6 +175,7 @@ impl CallStore for MemoryCallStore {
             inner.by_key.insert(key.clone(), call.call_id);
         }
         inner.order.insert((micros(call.created_at), call.call_id));
+        inner.enqueue(call, 0);
         inner.keep(call, self.max_ended);
         Ok(())
     }
@@ -151,28 +191,17 @@ impl CallStore for MemoryCallStore {
 
     async fn apply(&self, call_id: CallId, transition: &Transition) -> Result<Applied> {
         let mut inner = self.write();
-        let slot = inner.calls.get_mut(&call_id).ok_or(Error::NotFound(call_id))?;
-        let Slot::Active(call) = slot else {
-            // Ended: `Call::apply` refuses every transition of a terminal call.
-            let mut call = slot.call();
-            return Ok(match call.apply(transition) {
-                Err(why) => Applied::Ignored { call, why },
-                Ok(()) => {
-                    inner.keep(&call, self.max_ended);
-                    Applied::Changed(call)
-                }
-            });
+        let mut call = inner.calls.get(&call_id).ok_or(Error::NotFound(call_id))?.call();
+        let from = call.history.len();
+        let applied = match call.apply(transition) {
+            Ok(()) => Applied::Changed(call),
+            Err(why) => Applied::Ignored { call, why },
         };
-        Ok(match call.apply(transition) {
-            Ok(()) => {
-                let call = (**call).clone();
-                if call.is_completed() {
-                    inner.keep(&call, self.max_ended);
-                }
-                Applied::Changed(call)
-            }
-            Err(why) => Applied::Ignored { call: (**call).clone(), why },
-        })
+        if let Applied::Changed(call) = &applied {
+            inner.enqueue(call, from);
+            inner.keep(call, self.max_ended);
+        }
+        Ok(applied)
     }
 
     async fn list(&self, query: &CallQuery) -> Result<CallPage> {
@@ -193,6 +222,69 @@ impl CallStore for MemoryCallStore {
             _ => None,
         });
         Ok(active.collect())
+    }
+
+    async fn deliveries(&self, call_id: CallId) -> Result<Vec<Delivery>> {
+        let inner = self.read();
+        Ok(inner.outbox.get(&call_id).map(|all| all.iter().map(|o| o.delivery.clone()).collect()).unwrap_or_default())
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        let mut inner = self.write();
+        let mut due: Vec<&mut Outboxed> = inner
+            .outbox
+            .values_mut()
+            .filter_map(|all| all.iter_mut().find(|o| o.delivery.state == DeliveryState::Pending))
+            .filter(|o| o.delivery.next_attempt_at <= now && o.lease_until.is_none_or(|l| l <= now))
+            .collect();
+        due.sort_by_key(|o| o.delivery.next_attempt_at);
+        Ok(due
+            .into_iter()
+            .take(limit)
+            .map(|o| {
+                o.lease_until = Some(lease_until);
+                o.delivery.clone()
+            })
+            .collect())
+    }
+
+    async fn record_attempt(&self, event_id: Uuid, attempt: &Attempt) -> Result<()> {
+        let mut inner = self.write();
+        let Some(call_id) = inner.event_calls.get(&event_id).copied() else { return Ok(()) };
+        let all = inner.outbox.get_mut(&call_id).into_iter().flatten();
+        if let Some(o) = all.into_iter().find(|o| o.delivery.event_id == event_id) {
+            o.lease_until = None;
+            let d = &mut o.delivery;
+            d.attempts += 1;
+            d.state = attempt.state;
+            d.next_attempt_at = attempt.next_attempt_at;
+            d.last_attempt_at = Some(attempt.at);
+            d.last_result = Some(attempt.result.clone());
+        }
+        Ok(())
+    }
+
+    async fn outbox_depth(&self) -> Result<u64> {
+        let inner = self.read();
+        let pending = inner.outbox.values().flatten().filter(|o| o.delivery.state == DeliveryState::Pending);
+        Ok(pending.count() as u64)
+    }
+
+    async fn purge_ended_batch(&self, before: time::OffsetDateTime, limit: usize) -> Result<usize> {
+        let mut inner = self.write();
+        let due: Vec<(i64, CallId)> =
+            inner.ended.range(..(micros(before), CallId::from_uuid(uuid::Uuid::nil()))).take(limit).copied().collect();
+        for entry in &due {
+            inner.ended.remove(entry);
+            // Its key and status callbacks go with it.
+            inner.remove(entry.1);
+        }
+        Ok(due.len())
     }
 
     async fn ping(&self) -> Result<()> {

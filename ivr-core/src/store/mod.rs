@@ -4,6 +4,9 @@
 //! - [`SqlCallStore`]: SQLite (the embedded default, one file in WAL mode) or PostgreSQL
 //!   (production), through sqlx with embedded migrations and runtime-checked queries.
 //!
+//! - [`Leases`] (`lease.rs`): beside the calls in a SQL database, the leases of running
+//!   processes and which one follows each call (several instances over PostgreSQL).
+//!
 //! Every implementation runs the same conformance suite (`conformance`, feature `testing`).
 
 use std::fmt;
@@ -14,14 +17,19 @@ use time::OffsetDateTime;
 
 use crate::call::{Call, CallId, CallStatus, Ignored, PhoneNumber, Transition};
 use crate::error::Result;
+use crate::webhook::{Attempt, Delivery};
+use uuid::Uuid;
 
 mod compact;
+pub mod lease;
 mod memory;
+mod outbox;
 mod sql;
 
 #[cfg(feature = "testing")]
 pub mod conformance;
 
+pub use lease::{Lease, Leases};
 pub use memory::{MemoryCallStore, DEFAULT_MEMORY_MAX_CALLS};
 pub use sql::{EmbeddedMigrations, SqlCallStore};
 
@@ -42,6 +50,22 @@ pub use sql::{EmbeddedMigrations, SqlCallStore};
 ///   matching call exactly once, even while new calls are inserted.
 /// - [`list_active`](CallStore::list_active) returns every call that is not terminal, for
 ///   reconciliation after a fault.
+/// - The outbox of status callbacks: [`insert`](CallStore::insert) and
+///   [`apply`](CallStore::apply) store the [`outbox_entries`](crate::webhook::outbox_entries)
+///   of the entries they add to a call's history *in the same transaction* as the call, so a
+///   stored change is always told and a change not stored never is.
+///   [`claim_deliveries`](CallStore::claim_deliveries) hands out due deliveries, each to one
+///   claimer until its lease ends, and never a call's delivery while an earlier one of the same
+///   call is pending (order per call); [`record_attempt`](CallStore::record_attempt) stores an
+///   attempt and ends the lease. A call's deliveries go with the call when it is deleted (purged).
+/// - [`purge_ended_batch`](CallStore::purge_ended_batch) deletes ended calls for retention:
+///   only terminal calls (`completed`, `failed`) whose `ended_at` is strictly before the
+///   cutoff, each with its whole history, oldest `ended_at` first, at most `limit` of them in
+///   one short step (one transaction on SQL, one lock on memory), and returns how many it
+///   deleted. An active call is never deleted, whatever the cutoff. A purged call is gone:
+///   `get` answers `None`, it is in no listing, and its idempotency key is free again (a
+///   request repeating it makes a new call). [`purge_ended`](CallStore::purge_ended) repeats
+///   batches of [`PURGE_BATCH`] until one comes back short.
 /// - Failures to reach the backing database are
 ///   [`Error::StoreUnavailable`](crate::Error::StoreUnavailable).
 #[async_trait]
@@ -58,9 +82,53 @@ pub trait CallStore: Send + Sync + 'static {
 
     async fn list_active(&self) -> Result<Vec<Call>>;
 
+    /// The status-callback deliveries of a call, oldest first (empty for an unknown call).
+    async fn deliveries(&self, call_id: CallId) -> Result<Vec<Delivery>>;
+
+    /// Up to `limit` deliveries due at `now` (pending, `next_attempt_at <= now`, not leased
+    /// past `now`, and the first pending one of their call), oldest due first, each leased to
+    /// this caller until `lease_until`.
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Delivery>>;
+
+    /// Stores the outcome of an attempt at `event_id` (one more attempt) and ends its lease.
+    async fn record_attempt(&self, event_id: Uuid, attempt: &Attempt) -> Result<()>;
+
+    /// Deliveries still pending, for the outbox-depth metric.
+    async fn outbox_depth(&self) -> Result<u64>;
+
+    /// Deletes at most `limit` terminal calls that ended before `before`, with their
+    /// history, in one short step; returns how many (see the contract above).
+    async fn purge_ended_batch(&self, before: OffsetDateTime, limit: usize) -> Result<usize>;
+
+    /// Deletes every terminal call that ended before `before`, with its history, in batches
+    /// of [`PURGE_BATCH`] so that no lock or transaction is held long; returns how many. A
+    /// failure part way leaves the batches before it deleted (running it again goes on).
+    async fn purge_ended(&self, before: OffsetDateTime) -> Result<u64> {
+        let mut total = 0u64;
+        loop {
+            let n = self.purge_ended_batch(before, PURGE_BATCH).await?;
+            total += n as u64;
+            if n < PURGE_BATCH {
+                return Ok(total);
+            }
+            // Let the requests waiting behind this batch in first.
+            tokio::task::yield_now().await;
+        }
+    }
+
     /// Cheap reachability check, for readiness probes.
     async fn ping(&self) -> Result<()>;
 }
+
+/// Calls deleted per step of [`CallStore::purge_ended`]: small enough that SQLite's writer
+/// lock and a PostgreSQL transaction are held for milliseconds, large enough to purge a
+/// million calls in a thousand steps.
+pub const PURGE_BATCH: usize = 1_000;
 
 /// The result of [`CallStore::apply`]: the call as it now stands, and whether it changed.
 #[derive(Clone, Debug, PartialEq)]

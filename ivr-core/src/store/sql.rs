@@ -22,9 +22,11 @@ use sqlx::query::Query;
 use sqlx::{Any, AnyConnection, AnyPool, Executor, Row};
 use time::OffsetDateTime;
 
+use super::outbox;
 use super::{from_micros, micros, Applied, CallPage, CallQuery, CallStore};
 use crate::call::{Call, CallId, CallSpec, CallStatus, Hangup, Transition, TransitionRecord};
 use crate::error::{Conflict, Error, Result};
+use crate::webhook::{outbox_entries, Attempt, Delivery};
 
 /// Longest a single store operation may take before it is reported as unavailable.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(10);
@@ -37,16 +39,22 @@ const IN_CHUNK: usize = 500;
 const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "calls", include_str!("../../migrations/0001_calls.sql")),
     (2, "sent_at", include_str!("../../migrations/0002_sent_at.sql")),
+    (3, "ended_at", include_str!("../../migrations/0003_ended_at.sql")),
+    (4, "instances", include_str!("../../migrations/0004_instances.sql")),
+    (5, "status_callbacks", include_str!("../../migrations/0005_status_callbacks.sql")),
 ];
 
 /// A [`CallStore`] on SQLite or PostgreSQL. Cheap to clone: it is a connection pool handle.
 #[derive(Clone, Debug)]
 pub struct SqlCallStore {
     pool: AnyPool,
+    engine: Engine,
+    /// The lease new calls are stored as followed by (`calls.owner`), if any.
+    owner: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Engine {
+pub(crate) enum Engine {
     Sqlite,
     Postgres,
 }
@@ -88,7 +96,7 @@ impl SqlCallStore {
             Engine::Postgres => options.max_connections(16),
         };
         let pool = options.connect(&url).await.map_err(unavailable)?;
-        Ok(SqlCallStore { pool })
+        Ok(SqlCallStore { pool, engine, owner: None })
     }
 
     /// Applies the embedded migrations that have not run yet.
@@ -99,6 +107,15 @@ impl SqlCallStore {
     /// The pool, for components that keep their own tables in the same database.
     pub fn pool(&self) -> &AnyPool {
         &self.pool
+    }
+
+    pub(crate) fn engine(&self) -> Engine {
+        self.engine
+    }
+
+    /// This store, storing new calls as followed by the lease `lease_id` (`calls.owner`).
+    pub fn with_owner(&self, lease_id: &str) -> SqlCallStore {
+        SqlCallStore { owner: Some(lease_id.to_owned()), ..self.clone() }
     }
 
     async fn load(&self, conn: &mut AnyConnection, call_id: CallId) -> Result<Option<Call>> {
@@ -170,6 +187,7 @@ impl SqlCallStore {
             return Ok(None);
         }
         insert_history(&mut tx, &next, current.history.len()).await.map_err(unavailable)?;
+        outbox::insert(&mut tx, &outbox_entries(&next, current.history.len())).await.map_err(unavailable)?;
         tx.commit().await.map_err(unavailable)?;
         Ok(Some(Applied::Changed(next)))
     }
@@ -178,8 +196,9 @@ impl SqlCallStore {
         let mut tx = self.pool.begin().await?;
         let query = sqlx::query(INSERT_CALL).bind(call.call_id.to_string());
         let query = bind_spec(query, &call.spec).bind(micros(call.created_at));
-        bind_state(query, call).execute(&mut *tx).await?;
+        bind_state(query, call).bind(self.owner.as_deref()).execute(&mut *tx).await?;
         insert_history(&mut tx, call, 0).await?;
+        outbox::insert(&mut tx, &outbox_entries(call, 0)).await?;
         tx.commit().await
     }
 
@@ -205,7 +224,7 @@ impl CallStore for SqlCallStore {
                 Ok(()) => Ok(()),
                 Err(sqlx::Error::Database(e)) if e.is_unique_violation() => match self.existing_for(call).await? {
                     Some((on, existing)) => Err(Error::AlreadyExists { on, existing: Box::new(existing) }),
-                    // The colliding row vanished in between (nothing deletes calls today).
+                    // The colliding row vanished in between (a purge deleted it).
                     None => Err(unavailable(sqlx::Error::Database(e))),
                 },
                 Err(e) => Err(unavailable(e)),
@@ -312,6 +331,75 @@ impl CallStore for SqlCallStore {
         .await
     }
 
+    async fn deliveries(&self, call_id: CallId) -> Result<Vec<Delivery>> {
+        bounded(outbox::of_call(&self.pool, call_id)).await
+    }
+
+    async fn claim_deliveries(
+        &self,
+        now: OffsetDateTime,
+        lease_until: OffsetDateTime,
+        limit: usize,
+    ) -> Result<Vec<Delivery>> {
+        bounded(outbox::claim(&self.pool, now, lease_until, limit)).await
+    }
+
+    async fn record_attempt(&self, event_id: uuid::Uuid, attempt: &Attempt) -> Result<()> {
+        bounded(outbox::record(&self.pool, event_id, attempt)).await
+    }
+
+    async fn outbox_depth(&self) -> Result<u64> {
+        bounded(outbox::depth(&self.pool)).await
+    }
+
+    async fn purge_ended_batch(&self, before: OffsetDateTime, limit: usize) -> Result<usize> {
+        bounded(async {
+            // Chosen outside the transaction: a terminal call never changes, so the ids stay
+            // valid, and SQLite's write lock is taken by the first DELETE and held only for
+            // the deletes (a read that turned into a write could fail at once under WAL).
+            let select = format!("SELECT call_id FROM calls WHERE {PURGEABLE} ORDER BY ended_at, call_id LIMIT $2");
+            let rows = sqlx::query(&select)
+                .bind(micros(before))
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            let ids = rows.iter().map(|row| row.try_get::<String, _>("call_id")).collect::<Result<Vec<_>, _>>();
+            let ids = ids.map_err(corrupt)?;
+            if ids.is_empty() {
+                return Ok(0);
+            }
+            let placeholders =
+                |from: usize, n: usize| (from..from + n).map(|i| format!("${i}")).collect::<Vec<_>>().join(", ");
+            let mut tx = self.pool.begin().await.map_err(unavailable)?;
+            let mut deleted = 0;
+            for chunk in ids.chunks(IN_CHUNK) {
+                let chosen = format!(
+                    "SELECT call_id FROM calls WHERE {PURGEABLE} AND call_id IN ({})",
+                    placeholders(2, chunk.len())
+                );
+                // The history and the status callbacks first (SQLite applies the foreign key's
+                // cascade only when told to), of the same calls as the last statement deletes.
+                let history = format!("DELETE FROM call_transitions WHERE call_id IN ({chosen})");
+                let deliveries = format!("DELETE FROM webhook_deliveries WHERE call_id IN ({chosen})");
+                let calls = format!("DELETE FROM calls WHERE call_id IN ({chosen})");
+                for (i, sql) in [history, deliveries, calls].iter().enumerate() {
+                    let mut q = sqlx::query(sql).bind(micros(before));
+                    for id in chunk {
+                        q = q.bind(id.as_str());
+                    }
+                    let done = q.execute(&mut *tx).await.map_err(unavailable)?;
+                    if i == 2 {
+                        deleted += done.rows_affected() as usize;
+                    }
+                }
+            }
+            tx.commit().await.map_err(unavailable)?;
+            Ok(deleted)
+        })
+        .await
+    }
+
     async fn ping(&self) -> Result<()> {
         bounded(async {
             sqlx::query("SELECT 1").execute(&self.pool).await.map_err(unavailable)?;
@@ -325,7 +413,7 @@ impl CallStore for SqlCallStore {
 macro_rules! call_columns {
     () => {
         "call_id, phone_number, context, extension, priority, caller_id, timeout_secs, audio, variables, \
-         max_attempts, idempotency_key, created_at, status, channel, sent_at, dialed_at, ringing_at, answered_at, \
+         max_attempts, idempotency_key, status_callback, status_callback_events, created_at, status, channel, sent_at, dialed_at, ringing_at, answered_at, \
          ended_at, failure_reason, hangup_cause, hangup_text, attempt_number, version"
     };
 }
@@ -335,7 +423,7 @@ const SELECT_CALLS: &str = concat!("SELECT ", call_columns!(), " FROM calls");
 const INSERT_CALL: &str = concat!(
     "INSERT INTO calls (",
     call_columns!(),
-    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24)"
+    ", owner) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23, $24, $25, $26, $27)"
 );
 
 /// The state columns in [`bind_state`]'s order, then the row guard.
@@ -369,6 +457,11 @@ const SELECT_CALL_WITH_HISTORY: &str = concat!(
      WHERE c.call_id = $1 ORDER BY t.seq"
 );
 
+/// Which calls retention may delete, with the cutoff as `$1`: ended ones only, whatever the
+/// cutoff. (Only a terminal call has an `ended_at`; the status says it again.) The
+/// `calls_ended_at` index serves it, oldest first.
+const PURGEABLE: &str = "ended_at < $1 AND status IN ('completed', 'failed')";
+
 /// The histories of some calls, up to the list of their ids.
 const SELECT_HISTORIES_PREFIX: &str =
     concat!("SELECT call_id, ", transition_columns!(""), " FROM call_transitions WHERE call_id IN (");
@@ -389,6 +482,8 @@ fn bind_spec<'q>(query: AnyQuery<'q>, spec: &'q CallSpec) -> AnyQuery<'q> {
         .bind(serde_json::to_string(&spec.variables).expect("a string map always serializes"))
         .bind(i64::from(spec.max_attempts))
         .bind(spec.idempotency_key.as_deref())
+        .bind(spec.status_callback.as_deref())
+        .bind(spec.status_callback_events.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(","))
 }
 
 /// Binds the columns a transition can change, in the order of [`UPDATE_STATE`] (and of the
@@ -466,6 +561,13 @@ fn decode_spec(row: &AnyRow) -> Result<CallSpec> {
         variables,
         max_attempts: small(row, "max_attempts")?,
         idempotency_key: opt_text(row, "idempotency_key")?,
+        status_callback: opt_text(row, "status_callback")?,
+        status_callback_events: text("status_callback_events")?
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::parse)
+            .collect::<Result<_, _>>()
+            .map_err(corrupt)?,
     })
 }
 
@@ -517,19 +619,19 @@ fn decode_transition(row: &AnyRow) -> Result<TransitionRecord> {
     })
 }
 
-fn instant(col: &str, us: i64) -> Result<OffsetDateTime> {
+pub(super) fn instant(col: &str, us: i64) -> Result<OffsetDateTime> {
     from_micros(us).ok_or_else(|| Error::StoreCorrupt(format!("{col} {us} is not a valid instant")))
 }
 
-fn parse_id(s: &str) -> Result<CallId> {
+pub(super) fn parse_id(s: &str) -> Result<CallId> {
     s.parse().map_err(|_| Error::StoreCorrupt(format!("call_id {s:?} is not a UUID")))
 }
 
-fn unavailable(e: impl Into<crate::error::BoxError>) -> Error {
+pub(crate) fn unavailable(e: impl Into<crate::error::BoxError>) -> Error {
     Error::StoreUnavailable(e.into())
 }
 
-fn corrupt(e: impl std::fmt::Display) -> Error {
+pub(super) fn corrupt(e: impl std::fmt::Display) -> Error {
     Error::StoreCorrupt(e.to_string())
 }
 

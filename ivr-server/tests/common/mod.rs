@@ -93,6 +93,8 @@ pub struct TestServer {
     stop: watch::Sender<bool>,
     serve: Option<JoinHandle<std::io::Result<()>>>,
     follow: Option<JoinHandle<ivr_core::Result<()>>>,
+    /// The status-callback worker, with WEBHOOK_SECRET (as `App::run` runs it).
+    webhooks: Option<JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -163,6 +165,7 @@ impl TestServer {
                 settings.call_drain,
             ))),
         };
+        let webhooks = app.webhooks.clone().map(|worker| tokio::spawn(worker.run(until(stopped.clone()))));
         let serve = tokio::spawn(ivr_server::serve(listener, app.state.clone(), until(stopped)));
         TestServer {
             addr,
@@ -172,6 +175,7 @@ impl TestServer {
             stop,
             serve: Some(serve),
             follow,
+            webhooks,
             _dir: dir,
         }
     }
@@ -210,6 +214,9 @@ impl TestServer {
         }
         if let Some(follow) = self.follow.take() {
             within("manager to stop", follow).await.expect("follow task").expect("follow_calls");
+        }
+        if let Some(webhooks) = self.webhooks.take() {
+            within("webhooks to stop", webhooks).await.expect("webhook worker");
         }
     }
 
