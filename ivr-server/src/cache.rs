@@ -2,9 +2,11 @@
 //! ARCHITECTURE.md state them too).
 //!
 //! - [`AnswerCache`]: the serialized answer of an *ended* call, by call id, at most
-//!   `STATUS_CACHE_BYTES` of bodies (oldest in, first out). A terminal call never changes
-//!   (`Call::apply`), so the answer stays right for as long as it is kept, with any number of
-//!   instances over one database.
+//!   `STATUS_CACHE_BYTES` of bodies (oldest in, first out), each for at most
+//!   [`ANSWER_MAX_AGE`]. A terminal call never changes (`Call::apply`), so the answer stays
+//!   right for as long as it is kept, with any number of instances over one database. The one
+//!   thing that can still happen to it is its deletion (retention, `ivr-server purge`, from any
+//!   process): the age bound is how long a deleted call's answer may still be served here.
 //! - [`UserCache`]: "this user exists and is enabled", remembered for `USER_CACHE_SECONDS`
 //!   (default 1 s). Only a yes is remembered, so disabling or deleting a user locks their tokens
 //!   out within that bound, and a re-enabled user is let in at once.
@@ -21,6 +23,9 @@ use hyper::body::Bytes;
 use ivr_core::CallId;
 use tokio::time::Instant;
 
+/// The longest an ended call's answer is served from the cache: a call deleted from the store
+/// (retention, `ivr-server purge`) answers 404 here at most this long after.
+pub const ANSWER_MAX_AGE: Duration = Duration::from_secs(300);
 /// Default bound of the ended calls' answers kept, in bytes of bodies.
 pub const DEFAULT_STATUS_CACHE_BYTES: usize = 32 * 1024 * 1024;
 /// Default staleness of the "user still enabled" check.
@@ -57,7 +62,8 @@ pub struct AnswerCache {
 
 #[derive(Debug, Default)]
 struct Answers {
-    bodies: HashMap<CallId, Bytes>,
+    /// Each body with the instant it was kept.
+    bodies: HashMap<CallId, (Bytes, Instant)>,
     /// Insertion order, for eviction.
     order: VecDeque<CallId>,
     bytes: usize,
@@ -72,7 +78,11 @@ impl AnswerCache {
         if self.limit == 0 {
             return None;
         }
-        lock(&self.inner).bodies.get(&call_id).cloned()
+        let inner = lock(&self.inner);
+        let (body, kept) = inner.bodies.get(&call_id)?;
+        // Past its age the entry is left for eviction; the caller reads the store again and
+        // keeps the fresh answer in its place.
+        (kept.elapsed() < ANSWER_MAX_AGE).then(|| body.clone())
     }
 
     /// Keeps the answer of an ended call. The caller vouches that the call is terminal.
@@ -81,18 +91,20 @@ impl AnswerCache {
             return;
         }
         let mut inner = lock(&self.inner);
-        if inner.bodies.contains_key(&call_id) {
-            return;
+        if let Some((old, _)) = inner.bodies.remove(&call_id) {
+            // An aged entry being renewed: it takes a new place in the order.
+            inner.bytes -= old.len();
+            inner.order.retain(|id| *id != call_id);
         }
         while inner.bytes + body.len() > self.limit {
             let Some(oldest) = inner.order.pop_front() else { break };
-            if let Some(gone) = inner.bodies.remove(&oldest) {
+            if let Some((gone, _)) = inner.bodies.remove(&oldest) {
                 inner.bytes -= gone.len();
             }
         }
         inner.bytes += body.len();
         inner.order.push_back(call_id);
-        inner.bodies.insert(call_id, body);
+        inner.bodies.insert(call_id, (body, Instant::now()));
     }
 
     /// Bytes of bodies kept now.
@@ -221,6 +233,21 @@ mod tests {
         let off = AnswerCache::new(0);
         off.insert_ended(ids[0], Bytes::from_static(b"{}"));
         assert!(off.get(ids[0]).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_kept_answer_is_served_for_at_most_its_age() {
+        let cache = AnswerCache::new(1_000);
+        let call = id();
+        cache.insert_ended(call, Bytes::from_static(b"{\"v\":1}"));
+        tokio::time::advance(ANSWER_MAX_AGE - Duration::from_secs(1)).await;
+        assert!(cache.get(call).is_some());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(cache.get(call).is_none(), "a call purged meanwhile must be read from the store");
+        // Read again and kept again: served again, counted once.
+        cache.insert_ended(call, Bytes::from_static(b"{\"v\":2}"));
+        assert_eq!(cache.get(call).as_deref(), Some(&b"{\"v\":2}"[..]));
+        assert_eq!((cache.len(), cache.bytes()), (1, 7));
     }
 
     #[test]
