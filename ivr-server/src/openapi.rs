@@ -76,6 +76,9 @@ const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; st
         schemas(
             crate::problem::ProblemSchema,
             crate::request::CallOptions,
+            // Named by the create routes' shared responses (`api::CreateAnswers`), which do not
+            // register it themselves.
+            crate::view::CreatedView,
             // The parameters' schemas (parameters do not register the schemas they name).
             crate::fields::PhoneText,
             crate::fields::StatusList,
