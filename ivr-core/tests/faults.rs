@@ -6,8 +6,9 @@
 //! Time runs on the fake's time scale (recorded seconds × scale); every await that could hang
 //! is bounded.
 
+mod common;
+
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -22,18 +23,7 @@ use prometheus::Registry;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-async fn within<T>(what: &str, limit: Duration, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| panic!("{what}: no result within {limit:?}"))
-}
-
-fn metric(registry: &Registry, name: &str) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|family| family.name() == name)
-        .flat_map(|family| family.get_metric().iter().map(|m| m.get_counter().get_value()))
-        .sum()
-}
+use common::{counter, within};
 
 /// A sound long enough to outlast every call here: an answered call plays it until the callee
 /// hangs up (the default answer action, ivr-menu, would hang up after 3.4 s of its own).
@@ -216,7 +206,7 @@ async fn twenty_socket_drops_during_200_live_calls_every_call_ends_true() {
 
     rig.until_all_ended(Duration::from_secs(30)).await;
     check_outcomes(&rig.manager, &expected).await;
-    assert!(metric(&rig.registry, "ivr_ari_websocket_reconnects_total") >= DROPS as f64, "every reconnect counted");
+    assert!(counter(&rig.registry, "ivr_ari_websocket_reconnects_total") >= DROPS as f64, "every reconnect counted");
     assert_eq!(rig.fake.originate_count(), CALLS, "each call dialled once");
     rig.stop().await;
 }
@@ -411,9 +401,9 @@ async fn ari_slower_than_the_request_timeout_dials_no_call_twice_and_loses_none(
     rig.fake.set_originate_delay(Duration::ZERO);
     let expected = within("the originates to be answered", Duration::from_secs(30), placing).await.unwrap();
     assert!(
-        metric(&rig.registry, "ivr_ari_errors_total") >= CALLS as f64,
+        counter(&rig.registry, "ivr_ari_errors_total") >= CALLS as f64,
         "every first send timed out (ARI errors counted: {})",
-        metric(&rig.registry, "ivr_ari_errors_total")
+        counter(&rig.registry, "ivr_ari_errors_total")
     );
     // Sends: one per call, plus resends of those whose channel's events had not come yet.
     assert!(rig.fake.originate_count() >= CALLS, "{} sends", rig.fake.originate_count());

@@ -3,8 +3,9 @@
 //! with its true status and reason, none may be left active, and no event may be dropped.
 //! (How fast it goes is the load script's and the benches' business, not this test's.)
 
+mod common;
+
 use std::collections::HashMap;
-use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,22 +18,11 @@ use ivr_core::{
 use prometheus::Registry;
 use tokio::sync::oneshot;
 
+use common::{counter, within};
+
 const CALLS: usize = 5_000;
 /// Originates in flight at once: as many as the test's client side sensibly keeps open.
 const IN_FLIGHT: usize = 64;
-
-async fn within<T>(what: &str, limit: Duration, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(limit, fut).await.unwrap_or_else(|_| panic!("{what}: no result within {limit:?}"))
-}
-
-fn counter(registry: &Registry, name: &str) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|family| family.name() == name)
-        .flat_map(|family| family.get_metric().iter().map(|m| m.get_counter().get_value()))
-        .sum()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn five_thousand_mixed_calls_all_end_true() {

@@ -1,6 +1,8 @@
 //! CallManager against the fake Asterisk, with each store kind: the outcome table of every
 //! recorded scenario, and the faults the engine must survive.
 
+mod common;
+
 use std::future::Future;
 use std::io::Write;
 use std::sync::Arc;
@@ -18,12 +20,14 @@ use ivr_core::{
 use prometheus::Registry;
 use tokio::sync::oneshot;
 
+use common::{counter, counter_with};
+
 const WAIT: Duration = Duration::from_secs(20);
 const LOCAL: &str = "Local/{number}@sim";
 const PJSIP: &str = "PJSIP/{number}@trunk";
 
 async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(WAIT, fut).await.unwrap_or_else(|_| panic!("{what}: no result within {WAIT:?}"))
+    common::within(what, WAIT, fut).await
 }
 
 /// Every store kind this run can use: memory and SQLite always, PostgreSQL when configured.
@@ -455,7 +459,7 @@ async fn a_dropped_websocket_mid_call_loses_nothing() {
         let end = rig.end_of(&call).await;
         check(store_name, "dropped websocket", &end, &completed(true));
         rig.until_connected().await;
-        let reconnects = metric(&rig.registry, "ivr_ari_websocket_reconnects_total");
+        let reconnects = counter(&rig.registry, "ivr_ari_websocket_reconnects_total");
         assert!(reconnects >= 1.0, "{store_name}: the reconnect is counted");
         rig.stop().await;
     }
@@ -564,15 +568,18 @@ async fn a_restarted_ivr_takes_over_a_call_answered_while_nobody_followed_it() {
     rig.stop().await;
 }
 
-/// A store whose `apply` answers "unavailable" while `down` is set.
+/// A memory store the tests can reach into: `apply` answers "unavailable" while `down` is
+/// set, and `list_active` (what a reconcile reads first) is counted and takes `listing_delay`.
 #[derive(Default)]
-struct FlakyStore {
+struct ProbeStore {
     inner: MemoryCallStore,
     down: std::sync::atomic::AtomicBool,
+    listings: std::sync::atomic::AtomicUsize,
+    listing_delay: Duration,
 }
 
 #[async_trait::async_trait]
-impl CallStore for FlakyStore {
+impl CallStore for ProbeStore {
     async fn insert(&self, call: &Call) -> ivr_core::Result<()> {
         self.inner.insert(call).await
     }
@@ -592,6 +599,8 @@ impl CallStore for FlakyStore {
         self.inner.list(query).await
     }
     async fn list_active(&self) -> ivr_core::Result<Vec<Call>> {
+        self.listings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(self.listing_delay).await;
         self.inner.list_active().await
     }
     async fn purge_ended_batch(&self, before: time::OffsetDateTime, limit: usize) -> ivr_core::Result<usize> {
@@ -623,7 +632,7 @@ impl CallStore for FlakyStore {
 async fn a_store_outage_delays_the_calls_transitions_but_loses_none() {
     let fake = FakeAsterisk::start_with(fast()).await.unwrap();
     fake.set_plan("+15550000052", CalleePlan::Busy { ring: Duration::from_secs(10) });
-    let store = Arc::new(FlakyStore::default());
+    let store = Arc::new(ProbeStore::default());
     let rig = Rig::start_on(fake, store.clone(), settings(LOCAL)).await;
     let call = within("originate", originate(&rig.manager, to("+15550000052"))).await.unwrap();
     store.down.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -657,7 +666,7 @@ async fn the_concurrency_cap_refuses_clearly() {
     rig.manager.cancel(a.call_id).await.unwrap();
     rig.end_of(&a).await;
     originate(&rig.manager, to("+15550000004")).await.expect("room again after a call ended");
-    assert_eq!(metric(&rig.registry, "ivr_originations_total"), 4.0, "three placed and one refused");
+    assert_eq!(counter(&rig.registry, "ivr_originations_total"), 4.0, "three placed and one refused");
     rig.stop().await;
 }
 
@@ -712,88 +721,9 @@ async fn a_thousand_concurrent_calls_each_reach_their_end() {
     rig.stop().await;
 }
 
-fn metric(registry: &Registry, name: &str) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|family| family.name() == name)
-        .flat_map(|family| family.get_metric().iter().map(|m| m.get_counter().get_value()))
-        .sum()
-}
-
-/// The value of one labelled counter (`label="value"`) of a family.
-fn metric_with(registry: &Registry, name: &str, label: &str, value: &str) -> f64 {
-    registry
-        .gather()
-        .iter()
-        .filter(|family| family.name() == name)
-        .flat_map(|family| family.get_metric().iter())
-        .filter(|m| m.get_label().iter().any(|l| l.name() == label && l.value() == value))
-        .map(|m| m.get_counter().get_value())
-        .sum()
-}
-
-/// A store whose `list_active` (what a reconcile reads first) is slow, and counted.
-struct SlowListing {
-    inner: MemoryCallStore,
-    listings: std::sync::atomic::AtomicUsize,
-    delay: Duration,
-}
-
-#[async_trait::async_trait]
-impl CallStore for SlowListing {
-    async fn insert(&self, call: &Call) -> ivr_core::Result<()> {
-        self.inner.insert(call).await
-    }
-    async fn get(&self, call_id: ivr_core::CallId) -> ivr_core::Result<Option<Call>> {
-        self.inner.get(call_id).await
-    }
-    async fn get_by_idempotency_key(&self, key: &str) -> ivr_core::Result<Option<Call>> {
-        self.inner.get_by_idempotency_key(key).await
-    }
-    async fn apply(&self, call_id: ivr_core::CallId, transition: &Transition) -> ivr_core::Result<ivr_core::Applied> {
-        self.inner.apply(call_id, transition).await
-    }
-    async fn list(&self, query: &ivr_core::CallQuery) -> ivr_core::Result<ivr_core::CallPage> {
-        self.inner.list(query).await
-    }
-    async fn list_active(&self) -> ivr_core::Result<Vec<Call>> {
-        self.listings.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        tokio::time::sleep(self.delay).await;
-        self.inner.list_active().await
-    }
-    async fn purge_ended_batch(&self, before: time::OffsetDateTime, limit: usize) -> ivr_core::Result<usize> {
-        self.inner.purge_ended_batch(before, limit).await
-    }
-    async fn ping(&self) -> ivr_core::Result<()> {
-        self.inner.ping().await
-    }
-    async fn deliveries(&self, call_id: ivr_core::CallId) -> ivr_core::Result<Vec<Delivery>> {
-        self.inner.deliveries(call_id).await
-    }
-    async fn claim_deliveries(
-        &self,
-        now: time::OffsetDateTime,
-        lease_until: time::OffsetDateTime,
-        limit: usize,
-    ) -> ivr_core::Result<Vec<Delivery>> {
-        self.inner.claim_deliveries(now, lease_until, limit).await
-    }
-    async fn record_attempt(&self, event_id: uuid::Uuid, attempt: &Attempt) -> ivr_core::Result<()> {
-        self.inner.record_attempt(event_id, attempt).await
-    }
-    async fn outbox_depth(&self) -> ivr_core::Result<u64> {
-        self.inner.outbox_depth().await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_asks_during_a_slow_one_coalesce_into_one_more() {
-    let store = Arc::new(SlowListing {
-        inner: MemoryCallStore::new(),
-        listings: Default::default(),
-        delay: Duration::from_millis(300),
-    });
+    let store = Arc::new(ProbeStore { listing_delay: Duration::from_millis(300), ..ProbeStore::default() });
     let listings = || store.listings.load(std::sync::atomic::Ordering::SeqCst);
     let until = |n: usize| async move {
         within("a reconcile starts", async {
@@ -816,7 +746,7 @@ async fn reconcile_asks_during_a_slow_one_coalesce_into_one_more() {
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(listings(), 3, "the slow one, then exactly one more for the ten asks");
-    assert_eq!(metric(&rig.registry, "ivr_reconcile_runs_total"), 3.0);
+    assert_eq!(counter(&rig.registry, "ivr_reconcile_runs_total"), 3.0);
     rig.stop().await;
 }
 
@@ -839,15 +769,19 @@ async fn many_active_calls_are_reconciled_with_one_listing() {
     for call in &calls {
         rig.until_status(call, CallStatus::Answered).await;
     }
-    let before = metric_with(&rig.registry, "ivr_reconcile_requests_total", "request", "get");
+    let before = counter_with(&rig.registry, "ivr_reconcile_requests_total", "request", "get");
     rig.fake.drop_websockets();
     within("the reconcile after the reconnect", async {
-        while metric_with(&rig.registry, "ivr_reconcile_requests_total", "request", "list") < 1.0 {
+        while counter_with(&rig.registry, "ivr_reconcile_requests_total", "request", "list") < 1.0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     })
     .await;
-    assert_eq!(metric_with(&rig.registry, "ivr_reconcile_requests_total", "request", "get"), before, "no GET per call");
+    assert_eq!(
+        counter_with(&rig.registry, "ivr_reconcile_requests_total", "request", "get"),
+        before,
+        "no GET per call"
+    );
     // The listing found every call up: none was ended for it.
     for call in &calls {
         assert_eq!(rig.manager.get(call.call_id).await.unwrap().unwrap().status, CallStatus::Answered);
@@ -929,7 +863,7 @@ async fn an_originate_whose_answer_is_lost_is_found_placed_and_not_sent_again() 
     // Before a resend, Asterisk is asked: the channel exists, so the call is placed.
     assert_eq!(rig.fake.originate_count(), 1, "not sent again: GET /channels/{{id}} found it");
     assert_eq!(rig.fake.channel_ids().len(), 2, "one Local pair, not two");
-    assert_eq!(metric_with(&rig.registry, "ivr_ari_errors_total", "kind", "timeout"), 1.0);
+    assert_eq!(counter_with(&rig.registry, "ivr_ari_errors_total", "kind", "timeout"), 1.0);
     let end = rig.end_of(&call).await;
     assert_eq!(
         (end.status, end.failure_reason),
