@@ -20,8 +20,8 @@ use http_body_util::{BodyExt, Empty};
 use hyper::body::Bytes;
 use hyper::Request;
 use hyper_util::rt::TokioIo;
-use ivr_core::store::conformance::{new_call, postgres_in_fresh_schema};
-use ivr_core::{Call, CallId, CallStore, FailureReason, Hangup, SqlCallStore, Step, Transition};
+use ivr_core::store::conformance::{answered_call_that_ended, postgres_in_fresh_schema};
+use ivr_core::{Call, CallId, CallStore, SqlCallStore};
 use ivr_server::app::{App, Stores};
 use ivr_server::settings::Settings;
 use ivr_server::view::CallView;
@@ -40,22 +40,6 @@ fn settings(vars: &[(&str, &str)]) -> Settings {
     Settings::load(&move |name: &str| map.get(name).map(|v| v.to_string())).expect("bench settings")
 }
 
-/// A call that went the whole way, as the engine records it.
-fn ended_call(i: usize) -> Call {
-    let mut call = Call::new(CallId::new(), new_call("+15550000005"), ivr_core::call::now());
-    for step in [
-        Transition::new(Step::Sent, "originate sent"),
-        Transition::new(Step::Dialing, "originate accepted").channel(format!("PJSIP/trunk-{i:08x}")),
-        Transition::new(Step::Ringing, "ChannelStateChange Ringing"),
-        Transition::new(Step::Answered, "ChannelStateChange Up"),
-        Transition::new(Step::Ended { reason_if_unanswered: FailureReason::NoAnswer }, "ChannelDestroyed")
-            .hangup(Hangup { code: 16, text: "Normal Clearing".into() }),
-    ] {
-        call.apply(&step).expect("a forward step");
-    }
-    call
-}
-
 fn bench_pieces(c: &mut Criterion) {
     let app = settings(&[("JWT_ISSUER", "ivr"), ("JWT_AUDIENCE", "ivr-api")]);
     let tokens = ivr_server::auth::Tokens::new(&app.auth);
@@ -68,7 +52,7 @@ fn bench_pieces(c: &mut Criterion) {
     group.bench_function("token_remembered", |b| {
         b.iter(|| cache.get(&token, ivr_server::auth::unix_now()).expect("remembered"))
     });
-    let call = ended_call(1);
+    let call = answered_call_that_ended(1);
     group.bench_function("call_json", |b| b.iter(|| serde_json::to_vec(&CallView::from(&call)).expect("json")));
     group.finish();
 }
@@ -106,7 +90,7 @@ async fn rig(stores: Stores, vars: &[(&str, &str)], ids: Vec<CallId>) -> Rig {
 }
 
 async fn seed(store: &dyn CallStore, name: &str, n: usize) -> Vec<CallId> {
-    let calls: Vec<Call> = (0..n).map(ended_call).collect();
+    let calls: Vec<Call> = (0..n).map(answered_call_that_ended).collect();
     stream::iter(&calls).map(|c| store.insert(c)).buffer_unordered(32).try_collect::<Vec<()>>().await.expect("seed");
     let _ = writeln!(std::io::stderr(), "{name}: seeded {n} ended calls");
     calls.iter().map(|c| c.call_id).collect()

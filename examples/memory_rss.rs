@@ -9,8 +9,8 @@
 //! It also checks the bound: a store made to keep half as many ended calls keeps exactly that
 //! many, the last to end.
 
-use ivr_core::store::conformance::new_call;
-use ivr_core::{Call, CallId, CallStore, FailureReason, Hangup, MemoryCallStore, Step, Transition};
+use ivr_core::store::conformance::answered_call_that_ended;
+use ivr_core::{CallStore, MemoryCallStore};
 
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -21,23 +21,6 @@ fn rss_kib() -> u64 {
         .unwrap_or(0)
 }
 
-/// A call that went the whole way, as the engine records it.
-fn ended_call(i: usize) -> Call {
-    let mut call = Call::new(CallId::new(), new_call(&format!("+1555{:07}", i % 10_000_000)), ivr_core::call::now());
-    let steps = [
-        Transition::new(Step::Sent, "originate sent"),
-        Transition::new(Step::Dialing, "originate accepted").channel(format!("PJSIP/trunk-{i:08x}")),
-        Transition::new(Step::Ringing, "ChannelStateChange Ringing"),
-        Transition::new(Step::Answered, "ChannelStateChange Up"),
-        Transition::new(Step::Ended { reason_if_unanswered: FailureReason::NoAnswer }, "ChannelDestroyed")
-            .hangup(Hangup { code: 16, text: "Normal Clearing".into() }),
-    ];
-    for step in &steps {
-        call.apply(step).expect("a forward step");
-    }
-    call
-}
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() {
     let n: usize = std::env::args().nth(1).and_then(|n| n.parse().ok()).unwrap_or(100_000);
@@ -45,7 +28,7 @@ async fn main() {
     let before = rss_kib();
     let mut last = None;
     for i in 0..n {
-        let call = ended_call(i);
+        let call = answered_call_that_ended(i);
         last = Some(call.call_id);
         store.insert(&call).await.expect("insert");
     }
@@ -61,7 +44,7 @@ async fn main() {
     let bounded = MemoryCallStore::with_max_ended(n / 2);
     let mut kept = Vec::new();
     for i in 0..n {
-        let call = ended_call(i);
+        let call = answered_call_that_ended(i);
         kept.push(call.call_id);
         bounded.insert(&call).await.expect("insert");
     }
