@@ -207,11 +207,6 @@ impl Tokens {
         }
         Ok((data.claims.sub, data.claims.exp))
     }
-
-    /// The subject of the request's bearer token.
-    pub fn authenticate(&self, headers: &HeaderMap) -> Result<String, TokenError> {
-        self.verify(bearer(headers)?)
-    }
 }
 
 /// The bearer token of a request's `Authorization` header.

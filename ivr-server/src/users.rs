@@ -156,8 +156,9 @@ impl UserStore {
         Ok(())
     }
 
-    /// Whether `username` exists and is enabled (checked on every authenticated request, so a
-    /// disabled user's tokens stop working at once).
+    /// Whether `username` exists and is enabled. Authenticated requests ask it at least every
+    /// `USER_CACHE_SECONDS` (`cache::UserCache`), so a disabled user's tokens stop working
+    /// within that bound.
     pub async fn is_enabled(&self, username: &str) -> Result<bool, UserError> {
         let row = timed(
             sqlx::query("SELECT disabled FROM ivr_users WHERE username = $1")
