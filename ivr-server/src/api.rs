@@ -6,6 +6,8 @@
 //! answers, with the request and response types it really reads and writes. [`openapi`]
 //! gathers them into the document.
 
+use std::sync::Arc;
+
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, PRAGMA};
 use hyper::http::request::Parts;
@@ -47,6 +49,17 @@ async fn answer(state: &AppState, route: Route, request: Request<Incoming>) -> R
     if route.needs_auth() {
         authenticate(state, &parts).await?;
     }
+    match route {
+        Route::Healthz => Ok(healthz()),
+        Route::GetCall { call_id } => get_call(state, &call_id).await,
+        Route::Status { call_id } => call_status(state, &call_id).await,
+        // The other routes' futures are large (a body to read, a call to place, a query):
+        // boxed, so the hot routes' requests above do not carry (and copy) their size.
+        route => Box::pin(answer_rest(state, route, parts, body)).await,
+    }
+}
+
+async fn answer_rest(state: &AppState, route: Route, parts: Parts, body: Incoming) -> Result<Response<Body>, Problem> {
     let docs = state.options().docs_enabled;
     match route {
         Route::Healthz => Ok(healthz()),
@@ -97,7 +110,7 @@ fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
 
 /// Checks the bearer token, and that its user still exists and is enabled. A verified token
 /// is remembered until its `exp`, and a user found enabled for USER_CACHE_SECONDS (cache.rs).
-async fn authenticate(state: &AppState, parts: &Parts) -> Result<String, Problem> {
+async fn authenticate(state: &AppState, parts: &Parts) -> Result<(), Problem> {
     let token = crate::auth::bearer(&parts.headers)?;
     let now = crate::auth::unix_now();
     let sub = match state.verified_tokens().get(token, now) {
@@ -105,15 +118,16 @@ async fn authenticate(state: &AppState, parts: &Parts) -> Result<String, Problem
         None => {
             let (sub, exp) = state.tokens().verify_claims(token)?;
             state.verified_tokens().insert(token, &sub, exp, now);
-            sub
+            Arc::from(sub)
         }
     };
     if let Some(users) = state.users() {
         if state.enabled_users().is_fresh(&sub) {
-            return Ok(sub);
+            return Ok(());
         }
         let asked = tokio::time::Instant::now();
-        match users.is_enabled(&sub).await {
+        // Boxed: asked at most once per USER_CACHE_SECONDS, and a query's future is large.
+        match Box::pin(users.is_enabled(&sub)).await {
             Ok(true) => state.enabled_users().enabled_at(&sub, asked),
             Ok(false) => return Err(crate::auth::TokenError::UnknownUser.into()),
             Err(e) => {
@@ -122,7 +136,7 @@ async fn authenticate(state: &AppState, parts: &Parts) -> Result<String, Problem
             }
         }
     }
-    Ok(sub)
+    Ok(())
 }
 
 /// The store answers and the ARI event WebSocket is connected.

@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 
 use http_body_util::combinators::UnsyncBoxBody;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper::header::{HeaderValue, CONTENT_LENGTH, CONTENT_TYPE};
 use hyper::{HeaderMap, Response, StatusCode};
@@ -11,14 +11,20 @@ use serde::Serialize;
 
 use crate::problem::Problem;
 
-/// Every response body: a whole buffer or a stream (Server-Sent Events).
-pub type Body = UnsyncBoxBody<Bytes, Infallible>;
+/// Every response body: a whole buffer, or a stream (Server-Sent Events). Only the stream is
+/// boxed, so a whole answer costs no allocation of its own.
+pub type Body = Either<Full<Bytes>, UnsyncBoxBody<Bytes, Infallible>>;
 
 /// The largest request body read, in bytes; a larger one is 413.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 pub fn full(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).boxed_unsync()
+    Either::Left(Full::new(bytes.into()))
+}
+
+/// A streamed body.
+pub fn stream(body: impl hyper::body::Body<Data = Bytes, Error = Infallible> + Send + 'static) -> Body {
+    Either::Right(body.boxed_unsync())
 }
 
 pub fn empty() -> Body {

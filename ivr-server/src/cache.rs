@@ -16,7 +16,7 @@
 //!   for the process, and `nbf`/`iat` only ever become more valid with time.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use hyper::body::Bytes;
@@ -168,7 +168,8 @@ pub struct TokenCache {
 
 #[derive(Debug, Clone)]
 struct Verified {
-    sub: String,
+    /// Shared, so a hit costs no allocation.
+    sub: Arc<str>,
     /// Seconds since the epoch.
     exp: u64,
 }
@@ -179,7 +180,7 @@ impl TokenCache {
     }
 
     /// The subject of `token` if it was verified and `now` (seconds since the epoch) is before its `exp`.
-    pub fn get(&self, token: &str, now: u64) -> Option<String> {
+    pub fn get(&self, token: &str, now: u64) -> Option<Arc<str>> {
         lock(&self.verified).get(token).filter(|v| now < v.exp).map(|v| v.sub.clone())
     }
 
@@ -195,7 +196,7 @@ impl TokenCache {
                 return;
             }
         }
-        verified.insert(token.into(), Verified { sub: sub.to_owned(), exp });
+        verified.insert(token.into(), Verified { sub: sub.into(), exp });
     }
 
     pub fn len(&self) -> usize {

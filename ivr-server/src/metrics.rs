@@ -3,15 +3,33 @@
 //! Labels are the method, the route *template* (`/api/v1/calls/{call_id}`, or `unmatched`) and
 //! the status class (`2xx`…): never an id, a number or a raw path.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+};
+
+use crate::router::ROUTES;
 
 #[derive(Clone, Debug)]
 pub struct HttpMetrics {
     requests: IntCounterVec,
     latency: HistogramVec,
+    /// The series of each route in [`ROUTES`], in its order, looked up once: a label lookup
+    /// hashes every label and takes a lock, on every request otherwise.
+    routes: Arc<[RouteSeries]>,
 }
+
+/// One route's series, each resolved at its first use (so `/metrics` lists only those used).
+#[derive(Debug, Default)]
+struct RouteSeries {
+    /// By status class, `1xx` to `5xx`.
+    requests: [OnceLock<IntCounter>; 5],
+    latency: OnceLock<Histogram>,
+}
+
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 impl HttpMetrics {
     pub fn register(registry: &Registry) -> prometheus::Result<Self> {
@@ -26,11 +44,12 @@ impl HttpMetrics {
         )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(latency.clone()))?;
-        Ok(HttpMetrics { requests, latency })
+        let routes = ROUTES.iter().map(|_| RouteSeries::default()).collect();
+        Ok(HttpMetrics { requests, latency, routes })
     }
 
     pub fn observe(&self, method: &hyper::Method, route: &'static str, status: u16, elapsed: Duration) {
-        let method = match *method {
+        let label = match *method {
             hyper::Method::GET => "GET",
             hyper::Method::POST => "POST",
             hyper::Method::DELETE => "DELETE",
@@ -40,15 +59,23 @@ impl HttpMetrics {
             hyper::Method::OPTIONS => "OPTIONS",
             _ => "other",
         };
-        let class = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
-        self.requests.with_label_values(&[method, route, class]).inc();
-        self.latency.with_label_values(&[method, route]).observe(elapsed.as_secs_f64());
+        let class = usize::from(status.clamp(100, 599) / 100 - 1);
+        let seconds = elapsed.as_secs_f64();
+        // A route of the table, with its own method: its series, once looked up. Anything else
+        // (unmatched, a method the path does not allow) is rare and looked up each time.
+        match ROUTES.iter().position(|(m, template)| m == method && *template == route) {
+            Some(i) => {
+                let series = &self.routes[i];
+                series.requests[class]
+                    .get_or_init(|| self.requests.with_label_values(&[label, route, CLASSES[class]]))
+                    .inc();
+                series.latency.get_or_init(|| self.latency.with_label_values(&[label, route])).observe(seconds);
+            }
+            None => {
+                self.requests.with_label_values(&[label, route, CLASSES[class]]).inc();
+                self.latency.with_label_values(&[label, route]).observe(seconds);
+            }
+        }
     }
 }
 

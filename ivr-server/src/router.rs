@@ -23,6 +23,8 @@
 //! template (and that every route's template is listed), and that the OpenAPI document's
 //! operations are exactly these.
 
+use std::borrow::Cow;
+
 use hyper::Method;
 
 /// Every (method, path template) the router answers.
@@ -103,10 +105,14 @@ pub enum Miss {
 
 /// Matches a request line to a route.
 pub fn route(method: &Method, path: &str) -> Result<Route, Miss> {
-    let Some(segments) = segments(path) else { return Err(Miss::NotFound) };
-    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    match_route(method, &segments).ok_or_else(|| {
-        let allowed: Vec<Method> = METHODS.iter().filter(|m| match_route(m, &segments).is_some()).cloned().collect();
+    // On the stack, borrowed from the path unless percent-decoded: a status GET allocates
+    // nothing here but its id.
+    let mut decoded: [Cow<'_, str>; MAX_SEGMENTS] = Default::default();
+    let Some(count) = segments(path, &mut decoded) else { return Err(Miss::NotFound) };
+    let segments: [&str; MAX_SEGMENTS] = std::array::from_fn(|i| &*decoded[i]);
+    let segments = &segments[..count];
+    match_route(method, segments).ok_or_else(|| {
+        let allowed: Vec<Method> = METHODS.iter().filter(|m| match_route(m, segments).is_some()).cloned().collect();
         if allowed.is_empty() {
             Miss::NotFound
         } else {
@@ -137,14 +143,27 @@ fn match_route(method: &Method, segments: &[&str]) -> Option<Route> {
     })
 }
 
-/// The path's percent-decoded segments; `None` (no route) for a path that does not start with
-/// `/`, has an empty segment (`/healthz/`, `/api//v1`) or does not decode to UTF-8.
-fn segments(path: &str) -> Option<Vec<String>> {
+/// The most segments a route has (`/api/v1/calls/{call_id}/events`); a longer path has no route.
+const MAX_SEGMENTS: usize = 5;
+
+/// Puts the path's percent-decoded segments into `out` and counts them; `None` (no route) for
+/// a path that does not start with `/`, has an empty segment (`/healthz/`, `/api//v1`), more
+/// than [`MAX_SEGMENTS`] or a segment that does not decode to UTF-8.
+fn segments<'a>(path: &'a str, out: &mut [Cow<'a, str>; MAX_SEGMENTS]) -> Option<usize> {
     let rest = path.strip_prefix('/')?;
-    rest.split('/').map(|s| percent_decode(s).filter(|s| !s.is_empty())).collect()
+    let mut count = 0;
+    for segment in rest.split('/') {
+        let slot = out.get_mut(count)?;
+        *slot = percent_decode(segment).filter(|s| !s.is_empty())?;
+        count += 1;
+    }
+    Some(count)
 }
 
-fn percent_decode(segment: &str) -> Option<String> {
+fn percent_decode(segment: &str) -> Option<Cow<'_, str>> {
+    if !segment.contains('%') {
+        return Some(Cow::Borrowed(segment));
+    }
     let bytes = segment.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -158,7 +177,7 @@ fn percent_decode(segment: &str) -> Option<String> {
             i += 1;
         }
     }
-    String::from_utf8(out).ok()
+    String::from_utf8(out).ok().map(Cow::Owned)
 }
 
 #[cfg(test)]
@@ -236,6 +255,7 @@ mod tests {
         assert_eq!(route(&Method::GET, "/nope"), Err(Miss::NotFound));
         assert_eq!(route(&Method::GET, "/healthz/"), Err(Miss::NotFound));
         assert_eq!(route(&Method::GET, "/api/v1/calls/x/y"), Err(Miss::NotFound));
+        assert_eq!(route(&Method::GET, "/api/v1/calls/x/events/more"), Err(Miss::NotFound), "past the longest route");
         assert_eq!(route(&Method::GET, "/api/v1/calls/"), Err(Miss::NotFound));
         assert_eq!(route(&Method::GET, "/api//v1/calls"), Err(Miss::NotFound));
         assert_eq!(route(&Method::PUT, "/api/v1/calls"), Err(Miss::MethodNotAllowed(vec![Method::GET, Method::POST])));

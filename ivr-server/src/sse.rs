@@ -7,7 +7,7 @@
 use std::convert::Infallible;
 use std::time::Duration;
 
-use http_body_util::{BodyExt, StreamBody};
+use http_body_util::StreamBody;
 use hyper::body::{Bytes, Frame};
 use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE};
 use hyper::Response;
@@ -52,7 +52,7 @@ pub fn response(updates: CallUpdates, closing: watch::Receiver<bool>) -> Respons
         };
         Some((Ok::<_, Infallible>(Frame::data(bytes)), state))
     });
-    let mut response = Response::new(StreamBody::new(stream).boxed_unsync());
+    let mut response = Response::new(crate::body::stream(StreamBody::new(stream)));
     let headers = response.headers_mut();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/event-stream"));
     headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-cache"));
