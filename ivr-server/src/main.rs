@@ -9,6 +9,11 @@ use ivr_server::settings::Settings;
 use ivr_server::{logging, shutdown_signal};
 use tokio::net::TcpListener;
 
+// glibc's allocator took about a third of the CPU of a create under load, most of it merging
+// free lists between threads (profile in ARCHITECTURE.md); mimalloc keeps them per thread.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
