@@ -12,8 +12,9 @@
 # It prints a row per (store, calls, connections): req/s, p50, p99, the ratios, and the peak RSS
 # of ivr-server; then a one-line summary. A run with non-2xx answers or socket errors is flagged on
 # its row (they would flatter ivr). On the memory store it also measures POST /api/v1/calls at
-# 32 connections (scripts/load.lua) and ivr's own share of its p99: the p99 minus the mean ARI originate time
-# (ivr_originate_duration_seconds, near zero with the fake). Loopback only; every process it
+# 32 connections with examples/create_load, flat out and at CREATE_RATE creates a second: per
+# request, the time the client saw minus the ARI originate time the answer reports
+# (Server-Timing), i.e. ivr's own share; p50 and p99 of each. Loopback only; every process it
 # starts is stopped. The access log is off (RUST_LOG=warn), as the baseline logs nothing either.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,11 +24,12 @@ REPEAT=${REPEAT:-1}   # pairs of runs per row; each side's best counts (a shared
 SEED_ENDED=${SEED_ENDED:-2000}
 SEED_LIVE=${SEED_LIVE:-200}
 CONNECTIONS=${CONNECTIONS:-"32 128"}
+CREATE_RATE=${CREATE_RATE:-1000}   # creates per second offered in the paced create run
 STORES=${STORES:-"memory sqlite${DATABASE_URL_PG:+ postgres}"}
 
 command -v wrk >/dev/null || { echo "installing wrk"; apt-get install -y -qq wrk >/dev/null; }
 echo "building release binaries"
-cargo build --release -q -p ivr-server && cargo build --release -q -p ivr --example fake_asterisk --example baseline_http
+cargo build --release -q -p ivr-server && cargo build --release -q -p ivr --example fake_asterisk --example baseline_http --example create_load
 bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d)
 pids=()
@@ -52,6 +54,7 @@ run_wrk() { # url conns ids_file prefix
 
 rows=()
 summary=()
+create=()
 echo
 echo "| store | calls | conns | baseline req/s | ivr req/s | ratio | baseline p99 | ivr p99 | p99 ratio | ivr p50 | peak RSS |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
@@ -134,14 +137,16 @@ for store in $STORES; do
     kill "$base_pid" 2>/dev/null || true
   done
   if [ "$store" = memory ]; then
-    # POST /api/v1/calls at 32 connections against the fake (MAX_CALLS_PER_SECOND=0).
-    read -r _ _ post_p99 post_bad < <(IVR_LOAD_TOKEN=$TOKEN wrk -t1 -c32 -d"$DURATION" --latency -s scripts/load.lua \
-      "http://127.0.0.1:$port" | wrk_summary)
-    originate_ms=$(curl -s "http://127.0.0.1:$port/metrics" | awk '
-      /^ivr_originate_duration_seconds_sum/ { s = $2 } /^ivr_originate_duration_seconds_count/ { n = $2 }
-      END { printf "%.3f", (n > 0 ? s / n * 1000 : 0) }')
-    own=$(awk -v a="$post_p99" -v b="$originate_ms" 'BEGIN { printf "%.2f", a - b }')
-    create="POST /api/v1/calls at 32 connections (memory): p99 $post_p99 ms, mean ARI originate $originate_ms ms, ivr's share of the p99 ≈ $own ms ($post_bad non-2xx)"
+    # POST /api/v1/calls at 32 connections against the fake (MAX_CALLS_PER_SECOND=0), flat out
+    # and at CREATE_RATE a second; examples/create_load subtracts each answer's own ARI time
+    # (its Server-Timing header) from what the client saw.
+    for rate in "" "$CREATE_RATE"; do
+      echo "$store: POST /api/v1/calls at 32 connections${rate:+, $rate/s offered}" >&2
+      out=$(IVR_LOAD_TOKEN=$TOKEN "$bin/examples/create_load" --url "http://127.0.0.1:$port" --connections 32 \
+              --seconds "${DURATION%s}" ${rate:+--rate "$rate"})
+      echo "$out" | sed 's/^/    /' >&2
+      create+=("$(echo "$out" | tail -n1) ${rate:+offered=$rate/s}")
+    done
   fi
   kill "$ivr_pid" 2>/dev/null || true
   kill "${pids[0]}" 2>/dev/null || true
@@ -151,4 +156,4 @@ for store in $STORES; do
 done
 echo
 echo "summary (ivr req/s as a ratio to the minimal hyper server, same run): ${summary[*]}"
-if [ -n "${create:-}" ]; then echo "$create"; fi
+for c in "${create[@]}"; do echo "POST /api/v1/calls at 32 connections (memory store): $c"; done

@@ -223,7 +223,8 @@ enum CreateAnswers {
     /// Accepted and dialing
     #[response(status = 201,
         headers(("Location" = String, description = "The call's URL"),
-            ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this Idempotency-Key made the call")))]
+            ("Idempotent-Replayed" = String, description = "`true` when an earlier request with this Idempotency-Key made the call"),
+            ("Server-Timing" = String, description = "`ari;dur=MS`: the milliseconds of this request spent waiting on Asterisk to take the originate, when it was dialled at once (W3C Server Timing)")))]
     Created(CreatedView),
     #[response(status = 400)]
     BadRequest(#[ref_response] Problem),
@@ -314,6 +315,13 @@ async fn originate(
     if placed.replayed {
         // An earlier request with the same Idempotency-Key made this call.
         response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    if let Some(ari) = placed.ari_time {
+        // Asterisk's part of this request's time; the rest is ivr's (scripts/status-load.sh).
+        let timing = format!("ari;dur={:.3}", ari.as_secs_f64() * 1000.0);
+        if let Ok(value) = HeaderValue::from_str(&timing) {
+            response.headers_mut().insert("server-timing", value);
+        }
     }
     Ok(response)
 }

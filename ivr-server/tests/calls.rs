@@ -171,6 +171,32 @@ async fn cancel_a_ringing_call() {
     fake.shutdown().await;
 }
 
+/// `Server-Timing: ari;dur=MS` on a create is Asterisk's part of the request: at least what the
+/// fake took to take the originate, at most the whole request; none on a replay.
+#[tokio::test]
+async fn a_create_tells_how_long_asterisk_took() {
+    let (server, fake) = start(0.05, &[]).await;
+    fake.set_originate_delay(Duration::from_millis(200));
+    let token = server.mint(USER);
+    let post = || {
+        auth(client().post(server.url("/api/v1/calls")), &token)
+            .header("idempotency-key", "timed-1")
+            .json(&json!({"phone_number": "+15550000005"}))
+    };
+    let started = std::time::Instant::now();
+    let (status, headers, created) = send(post()).await;
+    let took = started.elapsed().as_secs_f64() * 1000.0;
+    assert_eq!(status, 201, "{created}");
+    let timing = headers["server-timing"].to_str().unwrap();
+    let ari: f64 = timing.strip_prefix("ari;dur=").and_then(|ms| ms.parse().ok()).unwrap_or_else(|| panic!("{timing}"));
+    assert!((200.0..=took).contains(&ari), "ari {ari} ms, the request {took} ms");
+    let (status, headers, _) = send(post()).await;
+    assert_eq!(status, 201);
+    assert!(!headers.contains_key("server-timing"), "a replay waited on no originate");
+    server.shutdown().await;
+    fake.shutdown().await;
+}
+
 #[tokio::test]
 async fn idempotent_create_dials_once() {
     let (server, fake) = start(0.05, &[]).await;

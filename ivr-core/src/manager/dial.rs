@@ -39,14 +39,16 @@ enum Sent {
 }
 
 impl CallManager {
-    /// Dials the call's current attempt and records the outcome; `reply` hears it.
-    pub(crate) async fn place(&self, call: Call, reply: Option<oneshot::Sender<Result<Call>>>) {
+    /// Dials the call's current attempt and records the outcome; `reply` hears it, with the
+    /// time spent waiting on ARI.
+    pub(crate) async fn place(&self, call: Call, reply: Option<oneshot::Sender<(Result<Call>, Duration)>>) {
         let call_id = call.call_id;
         self.wait_for_shared_slot().await;
-        let result = self.try_place(call).await;
+        let mut ari_time = Duration::ZERO;
+        let result = self.try_place(call, &mut ari_time).await;
         match reply {
             Some(reply) => {
-                let _ = reply.send(result);
+                let _ = reply.send((result, ari_time));
             }
             None => {
                 if let Err(e) = result {
@@ -73,7 +75,8 @@ impl CallManager {
         }
     }
 
-    async fn try_place(&self, call: Call) -> Result<Call> {
+    /// Adds the time spent waiting on ARI to `ari_time`.
+    async fn try_place(&self, call: Call, ari_time: &mut Duration) -> Result<Call> {
         let shared = &self.shared;
         let call_id = call.call_id;
         let attempt = call.attempt_number;
@@ -100,6 +103,7 @@ impl CallManager {
         };
         let started = Instant::now();
         let outcome = self.send_originate(call_id, &request, started + shared.settings.originate_retry_window).await;
+        *ari_time += started.elapsed();
         shared.metrics.originate_seconds.observe(started.elapsed().as_secs_f64());
         let canceled = || shared.calls.with(call_id, |c| c.tracker.is_canceled()).unwrap_or(true);
         let refused = match outcome {

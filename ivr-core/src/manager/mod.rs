@@ -131,6 +131,10 @@ pub struct Originated {
     pub call: Call,
     /// The request repeated an earlier one's idempotency key: this is that call, not a new one.
     pub replayed: bool,
+    /// How long this request waited on ARI to take the originate, when it was dialled while
+    /// the caller waited (not when queued, replayed, or answered before ARI did): what of the
+    /// request's time was Asterisk's rather than ivr's.
+    pub ari_time: Option<Duration>,
 }
 
 /// The call engine. Clone it freely: every clone drives the same calls.
@@ -287,7 +291,7 @@ impl CallManager {
         tracing::info!(call_id = %call.call_id, "call accepted");
         if !reservation.admit(call.call_id) {
             shared.metrics.queued_calls.set(shared.pacer.queued() as i64);
-            return Ok(Originated { call, replayed: false });
+            return Ok(Originated { call, replayed: false, ari_time: None });
         }
         let (reply, placed) = oneshot::channel();
         let manager = self.clone();
@@ -295,10 +299,12 @@ impl CallManager {
         // On a task of its own, so a caller that goes away does not stop it halfway.
         tokio::spawn(async move { manager.place(placing, Some(reply)).await });
         match tokio::time::timeout(PLACE_WAIT, placed).await {
-            Ok(Ok(result)) => result.map(|call| Originated { call, replayed: false }),
+            Ok(Ok((result, ari_time))) => {
+                result.map(|call| Originated { call, replayed: false, ari_time: Some(ari_time) })
+            }
             _ => {
                 let current = shared.calls.with(call.call_id, |c| c.current()).unwrap_or(call);
-                Ok(Originated { call: current, replayed: false })
+                Ok(Originated { call: current, replayed: false, ari_time: None })
             }
         }
     }
@@ -310,7 +316,7 @@ impl CallManager {
             return Err(Error::IdempotencyKeyReused { call_id: existing.call_id, fields });
         }
         self.shared.metrics.originations.with_label_values(&["duplicate"]).inc();
-        Ok(Originated { call: existing, replayed: true })
+        Ok(Originated { call: existing, replayed: true, ari_time: None })
     }
 
     /// Hangs up a call that is pending, dialing, ringing or answered. Returns the call as it
