@@ -25,6 +25,10 @@ SEED_ENDED=${SEED_ENDED:-2000}
 SEED_LIVE=${SEED_LIVE:-200}
 CONNECTIONS=${CONNECTIONS:-"32 128"}
 CREATE_RATE=${CREATE_RATE:-1000}   # creates per second offered in the paced create run
+# Both servers get the same worker threads: by default the cores less the one wrk runs on, so
+# that the client and the server do not take turns on a core (the server's p99 is then the
+# scheduler's time slice, not its own).
+SERVER_THREADS=${SERVER_THREADS:-$(n=$(nproc); echo $((n > 1 ? n - 1 : 1)))}
 STORES=${STORES:-"memory sqlite${DATABASE_URL_PG:+ postgres}"}
 
 command -v wrk >/dev/null || { echo "installing wrk"; apt-get install -y -qq wrk >/dev/null; }
@@ -56,6 +60,7 @@ rows=()
 summary=()
 create=()
 echo
+echo "both servers on $SERVER_THREADS worker thread(s) of $(nproc) cores; wrk -t1; $DURATION a run, best of $REPEAT"
 echo "| store | calls | conns | baseline req/s | ivr req/s | ratio | baseline p99 | ivr p99 | p99 ratio | ivr p50 | peak RSS |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for store in $STORES; do
@@ -67,7 +72,8 @@ for store in $STORES; do
   env_common=(SECRET_KEY="$(head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n')"
               $(grep '^ARI_' "$work/fake.env") LISTEN_ADDR="127.0.0.1:$port"
               MAX_ACTIVE_CALLS=100000 MAX_QUEUED_CALLS=100000 MAX_CALLS_PER_SECOND=0 METRICS_ENABLED=true RUST_LOG=warn
-              MAX_CONNECTIONS_PER_CLIENT=1024)  # wrk is one client: its 128 connections must all be served
+              MAX_CONNECTIONS_PER_CLIENT=1024  # wrk is one client: its 128 connections must all be served
+              WORKER_THREADS="$SERVER_THREADS")
   case $store in
     memory) env_store=(DISABLE_DB=true) ;;
     sqlite) env_store=(DATABASE_URL="sqlite://$work/bench.db") ;;
@@ -112,7 +118,7 @@ for store in $STORES; do
   for kind in live ended; do
     size=$(status_of "$(head -n1 "$work/$kind.ids")" | wc -c)
     base_port=$(free_port)
-    "$bin/examples/baseline_http" --port "$base_port" --bytes "$size" >/dev/null &
+    TOKIO_WORKER_THREADS="$SERVER_THREADS" "$bin/examples/baseline_http" --port "$base_port" --bytes "$size" >/dev/null &
     base_pid=$!
     pids+=($base_pid)
     wait_http "http://127.0.0.1:$base_port/"

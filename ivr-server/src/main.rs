@@ -5,17 +5,39 @@ use std::process::ExitCode;
 
 use ivr_server::app::{App, StartError};
 use ivr_server::cli::{self, Command, USAGE};
-use ivr_server::settings::Settings;
+use ivr_server::settings::{self, Settings};
 use ivr_server::{logging, shutdown_signal};
 use tokio::net::TcpListener;
 
 // glibc's allocator took about a third of the CPU of a create under load, most of it merging
-// free lists between threads (profile in ARCHITECTURE.md); mimalloc keeps them per thread.
+// free lists between threads (perf, under examples/create_load); mimalloc keeps them per thread.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // The runtime is built here rather than by #[tokio::main] so that WORKER_THREADS sizes it.
+    let workers = match settings::worker_threads(&settings::Env) {
+        Ok(workers) => workers,
+        Err(e) => {
+            eprintln!("ivr-server: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    runtime.enable_all();
+    if let Some(n) = workers {
+        runtime.worker_threads(n);
+    }
+    match runtime.build() {
+        Ok(runtime) => runtime.block_on(command()),
+        Err(e) => {
+            eprintln!("ivr-server: cannot start the runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn command() -> ExitCode {
     let command = match cli::parse(std::env::args().skip(1)) {
         Ok(command) => command,
         Err(e) => {

@@ -138,6 +138,14 @@ pub struct Settings {
     pub call_retention: Option<Duration>,
     /// How status callbacks are signed and retried; `None` (no WEBHOOK_SECRET) sends none.
     pub webhooks: Option<WebhookSettings>,
+    /// The runtime's worker threads (WORKER_THREADS); `None`: one per core.
+    pub worker_threads: Option<usize>,
+}
+
+/// WORKER_THREADS, read apart from the rest because the runtime that reads the rest is built
+/// from it.
+pub fn worker_threads(source: &impl Source) -> Result<Option<usize>, SettingsError> {
+    Ok(Reader(source).number("WORKER_THREADS", 1, 1024)?.map(|n| n as usize))
 }
 
 impl Settings {
@@ -246,6 +254,7 @@ impl Settings {
             user_staleness: r.number("USER_CACHE_SECONDS", 0, 60)?.map_or(k.user_staleness, secs),
         };
         Ok(Settings {
+            worker_threads: worker_threads(source)?,
             db,
             auth,
             ari,
@@ -540,6 +549,8 @@ mod tests {
             ("INSTANCE_LEASE_SECONDS", "1"),
             ("CALL_RETENTION_DAYS", "0"),
             ("CALL_RETENTION_DAYS", "ninety"),
+            ("WORKER_THREADS", "0"),
+            ("WORKER_THREADS", "many"),
         ] {
             let e = load(&[("SECRET_KEY", KEY), ("ARI_PASSWORD", "pw"), (var, bad)]).unwrap_err();
             assert_eq!(e.variable, var, "{e}");
