@@ -509,6 +509,13 @@ impl Call {
         self.status.is_active()
     }
 
+    /// How many changes the call has been through: the length of its history, to which every
+    /// change [`apply`](Self::apply) makes appends (and an ignored transition changes nothing).
+    /// Two states of one call with the same version are the same state.
+    pub fn version(&self) -> usize {
+        self.history.len()
+    }
+
     /// True once the call is over, answered or not (`completed` or `failed`).
     pub fn is_completed(&self) -> bool {
         self.status.is_terminal()
@@ -695,6 +702,7 @@ mod tests {
                         assert_eq!(result, Ok(()), "{from} + {step:?}");
                         assert_eq!(call.status, to, "{from} + {step:?}");
                         assert_eq!(call.history.len(), before.history.len() + 1);
+                        assert!(call.version() > before.version(), "a change is a new version");
                         assert_eq!(call.history.last().unwrap().status, to);
                     }
                     None => {

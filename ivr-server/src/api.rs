@@ -374,10 +374,18 @@ pub(crate) async fn get_call(state: &AppState, call_id: &str) -> Result<Response
     if let Some(answer) = state.answers().get(call_id) {
         return Ok(body::json_bytes(StatusCode::OK, answer));
     }
+    // A live call's answer is kept for as long as the call stays at the version it shows.
+    let live = state.manager().live_version(call_id);
+    if let Some(answer) = live.and_then(|version| state.live_answers().get(call_id, version)) {
+        return Ok(body::json_bytes(StatusCode::OK, answer));
+    }
     let call = state.manager().get(call_id).await?.ok_or(ivr_core::Error::NotFound(call_id))?;
     let answer = body::to_json(&CallView::from(&call));
     if call.is_completed() {
         state.answers().insert_ended(call_id, answer.clone());
+        state.live_answers().remove(call_id);
+    } else if live.is_some() {
+        state.live_answers().insert(call_id, call.version(), answer.clone());
     }
     Ok(body::json_bytes(StatusCode::OK, answer))
 }

@@ -7,6 +7,11 @@
 //!   right for as long as it is kept, with any number of instances over one database. The one
 //!   thing that can still happen to it is its deletion (retention, `ivr-server purge`, from any
 //!   process): the age bound is how long a deleted call's answer may still be served here.
+//! - [`LiveAnswers`]: the serialized answer of a call this process follows, with the version of
+//!   the call it was made from (`Call::version`). It is served only while the manager's live
+//!   table holds that same version (`CallManager::live_version`), so it is exactly what reading
+//!   the call would give, never older. At most a fixed number of entries (twice
+//!   MAX_ACTIVE_CALLS); an ended call's entry goes when it is next read, or when the map is full.
 //! - [`UserCache`]: "this user exists and is enabled", remembered for `USER_CACHE_SECONDS`
 //!   (default 1 s). Only a yes is remembered, so disabling or deleting a user locks their tokens
 //!   out within that bound, and a re-enabled user is let in at once.
@@ -115,6 +120,52 @@ impl AnswerCache {
     /// Answers kept now.
     pub fn len(&self) -> usize {
         lock(&self.inner).bodies.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Live calls' answers by call id, each with the version of the call it shows.
+#[derive(Debug)]
+pub struct LiveAnswers {
+    limit: usize,
+    inner: Mutex<HashMap<CallId, (usize, Bytes)>>,
+}
+
+impl LiveAnswers {
+    pub fn new(limit: usize) -> Self {
+        LiveAnswers { limit, inner: Mutex::new(HashMap::new()) }
+    }
+
+    /// The answer kept for `call_id` if it shows `version`.
+    pub fn get(&self, call_id: CallId, version: usize) -> Option<Bytes> {
+        lock(&self.inner).get(&call_id).filter(|(kept, _)| *kept == version).map(|(_, body)| body.clone())
+    }
+
+    /// Keeps the answer showing `version` of `call_id`, in place of any older one.
+    pub fn insert(&self, call_id: CallId, version: usize, body: Bytes) {
+        let mut inner = lock(&self.inner);
+        if inner.len() >= self.limit && !inner.contains_key(&call_id) {
+            // Full of calls that ended unread since: start again (each live call's answer is
+            // made once more on its next read).
+            inner.clear();
+        }
+        match inner.get(&call_id) {
+            Some((kept, _)) if *kept > version => {} // a newer one is kept already
+            _ => {
+                inner.insert(call_id, (version, body));
+            }
+        }
+    }
+
+    pub fn remove(&self, call_id: CallId) {
+        lock(&self.inner).remove(&call_id);
+    }
+
+    pub fn len(&self) -> usize {
+        lock(&self.inner).len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -234,6 +285,27 @@ mod tests {
         let off = AnswerCache::new(0);
         off.insert_ended(ids[0], Bytes::from_static(b"{}"));
         assert!(off.get(ids[0]).is_none());
+    }
+
+    #[test]
+    fn a_live_answer_is_served_only_for_the_version_it_shows() {
+        let live = LiveAnswers::new(2);
+        let call = id();
+        live.insert(call, 3, Bytes::from_static(b"ringing"));
+        assert_eq!(live.get(call, 3).as_deref(), Some(&b"ringing"[..]));
+        assert!(live.get(call, 4).is_none(), "the call moved on: made afresh");
+        live.insert(call, 4, Bytes::from_static(b"answered"));
+        live.insert(call, 3, Bytes::from_static(b"ringing"));
+        assert_eq!(live.get(call, 4).as_deref(), Some(&b"answered"[..]), "never replaced by an older one");
+        live.remove(call);
+        assert!(live.get(call, 4).is_none());
+        // Bounded: a third call into a full map starts it again.
+        let (a, b, c) = (id(), id(), id());
+        live.insert(a, 1, Bytes::from_static(b"a"));
+        live.insert(b, 1, Bytes::from_static(b"b"));
+        live.insert(c, 1, Bytes::from_static(b"c"));
+        assert!(live.len() <= 2);
+        assert_eq!(live.get(c, 1).as_deref(), Some(&b"c"[..]));
     }
 
     #[tokio::test(start_paused = true)]

@@ -71,6 +71,7 @@ struct Inner {
     /// The OpenAPI document, for this server's settings.
     openapi: hyper::body::Bytes,
     answers: cache::AnswerCache,
+    live_answers: cache::LiveAnswers,
     verified: cache::TokenCache,
     enabled: cache::UserCache,
 }
@@ -125,6 +126,7 @@ impl AppState {
         let (closing, _) = watch::channel(false);
         let openapi = openapi::document_json_for(manager.settings()).into();
         let answers = cache::AnswerCache::new(options.caches.status_bytes);
+        let live_answers = cache::LiveAnswers::new(manager.settings().max_active_calls.saturating_mul(2).max(1));
         let enabled = cache::UserCache::new(options.caches.user_staleness);
         let inner = Inner {
             manager,
@@ -138,6 +140,7 @@ impl AppState {
             closing,
             openapi,
             answers,
+            live_answers,
             verified: cache::TokenCache::new(),
             enabled,
         };
@@ -180,6 +183,11 @@ impl AppState {
     /// Ended calls' answers.
     pub fn answers(&self) -> &cache::AnswerCache {
         &self.inner.answers
+    }
+
+    /// Live calls' answers, by the version they show.
+    pub fn live_answers(&self) -> &cache::LiveAnswers {
+        &self.inner.live_answers
     }
 
     pub(crate) fn verified_tokens(&self) -> &cache::TokenCache {

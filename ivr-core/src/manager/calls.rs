@@ -92,6 +92,12 @@ impl LiveCalls {
         self.lock().get(&call_id).filter(|c| !c.writing).map(LiveCall::current)
     }
 
+    /// The version ([`Call::version`]) of what [`settled`](Self::settled) would return, without
+    /// copying the call.
+    pub fn settled_version(&self, call_id: CallId) -> Option<usize> {
+        self.lock().get(&call_id).filter(|c| !c.writing).map(|c| c.updates.borrow().version())
+    }
+
     pub fn subscribe(&self, call_id: CallId) -> Option<watch::Receiver<Call>> {
         self.lock().get(&call_id).map(|c| c.updates.subscribe())
     }
@@ -113,7 +119,7 @@ impl LiveCalls {
         let mut retry = false;
         if let Some(entry) = map.get_mut(&call.call_id) {
             entry.updates.send_if_modified(|current| {
-                let newer = call.history.len() > current.history.len();
+                let newer = call.version() > current.version();
                 if newer {
                     *current = call.clone();
                 }

@@ -236,6 +236,14 @@ impl CallManager {
         self.shared.pacer.queued()
     }
 
+    /// The version ([`Call::version`]) of a call this process follows, as [`get`](Self::get)
+    /// would read it from the live table now; `None` when `get` would ask the store (the call
+    /// is not followed here, or its writer is applying a transition). A caller that kept
+    /// something made from a call of this version may use it instead of calling `get`.
+    pub fn live_version(&self, call_id: CallId) -> Option<usize> {
+        self.shared.calls.settled_version(call_id)
+    }
+
     /// The call as it stands. A call followed here is read from the live table (no store
     /// round trip), never older than a state this process has read from the store: while its
     /// writer is applying a transition, the store is asked instead (`LiveCalls::settled`).
