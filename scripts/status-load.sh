@@ -11,8 +11,10 @@
 # REPEAT times per row (each side's best run by req/s is reported: a shared machine is noisy).
 # It prints a row per (store, calls, connections): req/s, p50, p99, the ratios, and the peak RSS
 # of ivr-server; then a one-line summary. A run with non-2xx answers or socket errors is flagged on
-# its row (they would flatter ivr). On the memory store it also measures POST /api/v1/calls at
-# 32 connections with examples/create_load, flat out and at CREATE_RATE creates a second: per
+# its row (they would flatter ivr). For ended calls it then offers both servers the same paced
+# load (PACED_RATES GETs a second, examples/api_load) and prints p50 and p99 of each: at equal
+# load the latency is the server's, where flat out it is wherever the queue sits. On the memory store it also measures POST /api/v1/calls at
+# 32 connections with examples/api_load, flat out and at CREATE_RATE creates a second: per
 # request, the time the client saw minus the ARI originate time the answer reports
 # (Server-Timing), i.e. ivr's own share; p50 and p99 of each. Loopback only; every process it
 # starts is stopped. The access log is off (RUST_LOG=warn), as the baseline logs nothing either.
@@ -25,6 +27,7 @@ SEED_ENDED=${SEED_ENDED:-2000}
 SEED_LIVE=${SEED_LIVE:-200}
 CONNECTIONS=${CONNECTIONS:-"32 128"}
 CREATE_RATE=${CREATE_RATE:-1000}   # creates per second offered in the paced create run
+PACED_RATES=${PACED_RATES:-"50000 100000"}   # GETs per second offered to both servers in the paced rows
 # Both servers get the same worker threads: by default the cores less the one wrk runs on, so
 # that the client and the server do not take turns on a core (the server's p99 is then the
 # scheduler's time slice, not its own).
@@ -33,7 +36,7 @@ STORES=${STORES:-"memory sqlite${DATABASE_URL_PG:+ postgres}"}
 
 command -v wrk >/dev/null || { echo "installing wrk"; apt-get install -y -qq wrk >/dev/null; }
 echo "building release binaries"
-cargo build --release -q -p ivr-server && cargo build --release -q -p ivr --example fake_asterisk --example baseline_http --example create_load
+cargo build --release -q -p ivr-server && cargo build --release -q -p ivr --example fake_asterisk --example baseline_http --example api_load
 bin=${CARGO_TARGET_DIR:-target}/release
 work=$(mktemp -d)
 pids=()
@@ -51,6 +54,14 @@ wrk_summary() {
     /Socket errors/ { gsub(",", ""); bad += $4 + $6 + $8 + $10 }
     END { printf "%.0f %.2f %.2f %d\n", rps, p50, p99, bad }'
 }
+# examples/api_load at a fixed rate over 32 connections → "p50_ms p99_ms"
+paced() { # url prefix rate [token]
+  IVR_LOAD_TOKEN=${4:-} "$bin/examples/api_load" --url "$1" --prefix "$2" --rate "$3" --get "$work/ended.ids" --connections 32 \
+    --seconds "${DURATION%s}" | tail -n1 | sed 's/total_p50_ms=\([^ ]*\) total_p99_ms=\([^ ]*\).*/\1 \2/'
+}
+median_run() { # "p50 p99"... → the run with the median p99
+  printf '%s\n' "$@" | sort -k2 -g | awk '{ runs[NR] = $0 } END { print runs[int((NR + 1) / 2)] }'
+}
 run_wrk() { # url conns ids_file prefix
   IDS_FILE=$3 PATH_PREFIX=$4 TOKEN=${TOKEN:-} wrk -t1 -c"$2" -d"$DURATION" --latency -s scripts/status-get.lua "$1" \
     | wrk_summary
@@ -59,6 +70,7 @@ run_wrk() { # url conns ids_file prefix
 rows=()
 summary=()
 create=()
+paced_rows=()
 echo
 echo "both servers on $SERVER_THREADS worker thread(s) of $(nproc) cores; wrk -t1; $DURATION a run, best of $REPEAT"
 echo "| store | calls | conns | baseline req/s | ivr req/s | ratio | baseline p99 | ivr p99 | p99 ratio | ivr p50 | peak RSS |"
@@ -140,15 +152,30 @@ for store in $STORES; do
       echo "| $store | $kind ($size B) | $c | $b_rps | $i_rps$flag | $ratio | $b_p99 ms | $i_p99 ms | $p99r | $i_p50 ms | $rss |"
       summary+=("$store/$kind/$c=${ratio}x")
     done
+    if [ "$kind" = ended ]; then
+      # Paced: both servers offered the same load (examples/api_load --rate), REPEAT runs each,
+      # interleaved; the median run's p50 and p99 count.
+      for rate in $PACED_RATES; do
+        b_runs=() i_runs=()
+        for _ in $(seq "$REPEAT"); do
+          b_runs+=("$(paced "http://127.0.0.1:$base_port" / "$rate")")
+          i_runs+=("$(paced "http://127.0.0.1:$port" /api/v1/status/ "$rate" "$TOKEN")")
+        done
+        read -r b_p50 b_p99 < <(median_run "${b_runs[@]}")
+        read -r i_p50 i_p99 < <(median_run "${i_runs[@]}")
+        p99r=$(awk -v a="$i_p99" -v b="$b_p99" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+        paced_rows+=("| $store | ended | 32 | $rate | $b_p50 ms | $i_p50 ms | $b_p99 ms | $i_p99 ms | $p99r |")
+      done
+    fi
     kill "$base_pid" 2>/dev/null || true
   done
   if [ "$store" = memory ]; then
     # POST /api/v1/calls at 32 connections against the fake (MAX_CALLS_PER_SECOND=0), flat out
-    # and at CREATE_RATE a second; examples/create_load subtracts each answer's own ARI time
+    # and at CREATE_RATE a second; examples/api_load subtracts each answer's own ARI time
     # (its Server-Timing header) from what the client saw.
     for rate in "" "$CREATE_RATE"; do
       echo "$store: POST /api/v1/calls at 32 connections${rate:+, $rate/s offered}" >&2
-      out=$(IVR_LOAD_TOKEN=$TOKEN "$bin/examples/create_load" --url "http://127.0.0.1:$port" --connections 32 \
+      out=$(IVR_LOAD_TOKEN=$TOKEN "$bin/examples/api_load" --url "http://127.0.0.1:$port" --connections 32 \
               --seconds "${DURATION%s}" ${rate:+--rate "$rate"})
       echo "$out" | sed 's/^/    /' >&2
       create+=("$(echo "$out" | tail -n1) ${rate:+offered=$rate/s}")
@@ -162,4 +189,12 @@ for store in $STORES; do
 done
 echo
 echo "summary (ivr req/s as a ratio to the minimal hyper server, same run): ${summary[*]}"
+if [ ${#paced_rows[@]} -gt 0 ]; then
+  echo
+  echo "paced: both servers offered the same GETs per second (examples/api_load --rate), median of $REPEAT runs"
+  echo "| store | calls | conns | offered req/s | baseline p50 | ivr p50 | baseline p99 | ivr p99 | p99 ratio |"
+  echo "|---|---|---|---|---|---|---|---|---|"
+  printf '%s\n' "${paced_rows[@]}"
+  echo
+fi
 for c in "${create[@]}"; do echo "POST /api/v1/calls at 32 connections (memory store): $c"; done
