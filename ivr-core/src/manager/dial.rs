@@ -185,7 +185,9 @@ impl CallManager {
     /// id, and a resend would dial the callee again. Its events say it existed; they may trail
     /// the `GET`'s 404 a little, hence the wait.
     async fn placed_meanwhile(&self, call_id: CallId, channel_id: &str, sent: Instant) -> Option<Option<String>> {
-        let heard = || self.shared.calls.with(call_id, |c| c.tracker.heard_since(sent)).unwrap_or(false);
+        // A call no longer followed has ended (its events came, or a cancel): it was placed, or
+        // is over; either way it must not be dialled again.
+        let heard = || self.shared.calls.with(call_id, |c| c.tracker.heard_since(sent)).unwrap_or(true);
         if heard() {
             return Some(None);
         }
