@@ -185,11 +185,12 @@ fn percentile(sorted: &[Duration], p: f64) -> f64 {
     sorted[rank.clamp(1, sorted.len()) - 1].as_secs_f64() * 1000.0
 }
 
-fn line(name: &str, mut values: Vec<Duration>) -> f64 {
+/// Prints one line of p50 and p99 and returns them, in milliseconds.
+fn line(name: &str, mut values: Vec<Duration>) -> (f64, f64) {
     values.sort_unstable();
     let (p50, p99) = (percentile(&values, 50.0), percentile(&values, 99.0));
     println!("{name:<28} p50 {p50:>7.3} ms   p99 {p99:>7.3} ms   ({} requests)", values.len());
-    p99
+    (p50, p99)
 }
 
 fn main() {
@@ -226,18 +227,15 @@ fn main() {
         samples.len(),
         options.connections
     );
-    let mut totals: Vec<Duration> = samples.iter().map(|s| s.total).collect();
-    totals.sort_unstable();
-    let total_p50 = percentile(&totals, 50.0);
-    let total_p99 = line("whole request (client)", totals);
+    let (total_p50, total_p99) = line("whole request (client)", samples.iter().map(|s| s.total).collect());
     let timed: Vec<&Sample> = samples.iter().filter(|s| s.ari.is_some()).collect();
     if timed.is_empty() {
         // GETs, or no create was dialled at once: there is no ARI part to take out.
         println!("total_p50_ms={total_p50:.3} total_p99_ms={total_p99:.3} rps={rps:.0}");
         return;
     }
-    let ari_p99 = line("  of which ARI originate", timed.iter().filter_map(|s| s.ari).collect());
-    let own_p99 = line(
+    let (_, ari_p99) = line("  of which ARI originate", timed.iter().filter_map(|s| s.ari).collect());
+    let (_, own_p99) = line(
         "  ivr's share (whole − ARI)",
         timed.iter().map(|s| s.total.saturating_sub(s.ari.unwrap_or_default())).collect(),
     );

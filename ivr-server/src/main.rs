@@ -10,7 +10,7 @@ use ivr_server::{logging, shutdown_signal};
 use tokio::net::TcpListener;
 
 // glibc's allocator took about a third of the CPU of a create under load, most of it merging
-// free lists between threads (perf, under examples/create_load); mimalloc keeps them per thread.
+// free lists between threads (perf, under examples/api_load); mimalloc keeps them per thread.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

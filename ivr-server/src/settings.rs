@@ -138,12 +138,11 @@ pub struct Settings {
     pub call_retention: Option<Duration>,
     /// How status callbacks are signed and retried; `None` (no WEBHOOK_SECRET) sends none.
     pub webhooks: Option<WebhookSettings>,
-    /// The runtime's worker threads (WORKER_THREADS); `None`: one per core.
-    pub worker_threads: Option<usize>,
 }
 
-/// WORKER_THREADS, read apart from the rest because the runtime that reads the rest is built
-/// from it.
+/// WORKER_THREADS (`None`: one per core), read apart from the rest because the runtime that
+/// reads the rest is built from it; [`Settings::load`] checks it too, so every subcommand
+/// refuses a bad value alike.
 pub fn worker_threads(source: &impl Source) -> Result<Option<usize>, SettingsError> {
     Ok(Reader(source).number("WORKER_THREADS", 1, 1024)?.map(|n| n as usize))
 }
@@ -253,8 +252,8 @@ impl Settings {
             status_bytes: r.number("STATUS_CACHE_BYTES", 0, 4_000_000_000)?.map_or(k.status_bytes, |n| n as usize),
             user_staleness: r.number("USER_CACHE_SECONDS", 0, 60)?.map_or(k.user_staleness, secs),
         };
+        worker_threads(source)?;
         Ok(Settings {
-            worker_threads: worker_threads(source)?,
             db,
             auth,
             ari,

@@ -103,8 +103,9 @@ impl CallManager {
         };
         let started = Instant::now();
         let outcome = self.send_originate(call_id, &request, started + shared.settings.originate_retry_window).await;
-        *ari_time += started.elapsed();
-        shared.metrics.originate_seconds.observe(started.elapsed().as_secs_f64());
+        let waited = started.elapsed();
+        *ari_time += waited;
+        shared.metrics.originate_seconds.observe(waited.as_secs_f64());
         let canceled = || shared.calls.with(call_id, |c| c.tracker.is_canceled()).unwrap_or(true);
         let refused = match outcome {
             Sent::Placed(channel_name) => return self.placed(call_id, attempt, channel_name, canceled()).await,
