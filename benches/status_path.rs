@@ -1,5 +1,5 @@
 //! The status path piece by piece: token verification (and a remembered token), the call's
-//! JSON, and the whole `GET /api/v1/status/{id}` through the server's handlers for each store,
+//! JSON, and the whole `GET /api/v1/status/{id}` through the server's service for each store,
 //! in-process: hyper's server and client connections over an in-memory pipe
 //! (`tokio::io::duplex`), no socket. Each store is measured with the ended calls' answer cache
 //! (as deployed) and without it (`STATUS_CACHE_BYTES=0`: the store read, the user check and the
@@ -76,9 +76,10 @@ async fn rig(stores: Stores, vars: &[(&str, &str)], ids: Vec<CallId>) -> Rig {
     let token = state.tokens().issue(USER).expect("token").access_token;
     let (client_io, server_io) = tokio::io::duplex(64 * 1024);
     tokio::spawn(async move {
+        // The server's own service (`serve` gives it every request): metrics and access log
+        // included, as over a socket.
         let service = hyper::service::service_fn(move |request| {
-            let state = state.clone();
-            async move { Ok::<_, std::convert::Infallible>(ivr_server::api::handle(&state, request).await.1) }
+            ivr_server::server::respond(&state, std::net::Ipv4Addr::LOCALHOST.into(), request)
         });
         let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server_io), service).await;
     });

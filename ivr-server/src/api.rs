@@ -6,6 +6,7 @@
 //! answers, with the request and response types it really reads and writes. [`openapi`]
 //! gathers them into the document.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
 use hyper::body::{Bytes, Incoming};
@@ -24,7 +25,7 @@ use crate::{metrics, openapi, sse, AppState};
 
 /// Answers one request. Returns the route template (`unmatched` when none) for logs and
 /// metrics along with the response.
-pub async fn handle(state: &AppState, request: Request<Incoming>) -> (&'static str, Response<Body>) {
+pub async fn handle(state: &AppState, peer: IpAddr, request: Request<Incoming>) -> (&'static str, Response<Body>) {
     let route = match router::route(request.method(), request.uri().path()) {
         Ok(route) => route,
         Err(Miss::NotFound) => {
@@ -37,32 +38,48 @@ pub async fn handle(state: &AppState, request: Request<Incoming>) -> (&'static s
         }
     };
     let template = route.template();
-    let response = match answer(state, route, request).await {
+    let response = match answer(state, route, request, peer).await {
         Ok(response) => response,
         Err(problem) => problem.into_response(),
     };
     (template, response)
 }
 
-async fn answer(state: &AppState, route: Route, request: Request<Incoming>) -> Result<Response<Body>, Problem> {
+/// Answers, without waiting, what memory can answer: `/healthz`, and a call's GET
+/// (`/api/v1/calls/{id}`, `/api/v1/status/{id}`) whose token is remembered as verified (and whose
+/// user was found enabled within USER_CACHE_SECONDS), when the call's answer is kept
+/// (`kept_answer`). Such an answer is exactly what [`handle`] would give; `None` for every
+/// other request, which [`handle`] then answers (a failure, too, is left to it). The server
+/// tries this first, so the status path carries no future (see `server::respond`).
+pub fn answer_at_once(state: &AppState, request: &Request<Incoming>) -> Option<(&'static str, Response<Body>)> {
+    let route = router::route(request.method(), request.uri().path()).ok()?;
+    let response = match &route {
+        Route::Healthz => healthz(),
+        Route::GetCall { call_id } | Route::Status { call_id } => {
+            let token = crate::auth::bearer(request.headers()).ok()?;
+            let sub = state.verified_tokens().get(token, crate::auth::unix_now())?;
+            if state.users().is_some() && !state.enabled_users().is_fresh(&sub) {
+                return None;
+            }
+            body::json_bytes(StatusCode::OK, kept_answer(state, parse_call_id(call_id).ok()?)?)
+        }
+        _ => return None,
+    };
+    Some((route.template(), response))
+}
+
+async fn answer(
+    state: &AppState,
+    route: Route,
+    request: Request<Incoming>,
+    peer: IpAddr,
+) -> Result<Response<Body>, Problem> {
     let (parts, body) = request.into_parts();
     if route.needs_auth() {
         authenticate(state, &parts).await?;
     }
-    match route {
-        Route::Healthz => Ok(healthz()),
-        Route::GetCall { call_id } => get_call(state, &call_id).await,
-        Route::Status { call_id } => call_status(state, &call_id).await,
-        // The other routes' futures are large (a body to read, a call to place, a query):
-        // boxed, so the hot routes' requests above do not carry (and copy) their size.
-        route => Box::pin(answer_rest(state, route, parts, body)).await,
-    }
-}
-
-async fn answer_rest(state: &AppState, route: Route, parts: Parts, body: Incoming) -> Result<Response<Body>, Problem> {
     let docs = state.options().docs_enabled;
     match route {
-        // Answered by `answer` before it gets here; listed so the match stays exhaustive.
         Route::Healthz => Ok(healthz()),
         Route::Readyz => readyz(state).await,
         Route::Metrics if state.options().metrics_enabled => Ok(metrics(state)),
@@ -72,7 +89,7 @@ async fn answer_rest(state: &AppState, route: Route, parts: Parts, body: Incomin
         Route::Metrics | Route::Docs | Route::DocsFile { .. } | Route::OpenApi => {
             Err(Problem::not_found("this route is turned off"))
         }
-        Route::Token => token(state, &parts, body::read(&parts.headers, body).await?).await,
+        Route::Token => token(state, &parts, body::read(&parts.headers, body).await?, peer).await,
         Route::Interaction { number } => {
             interaction(state, &parts, body::read(&parts.headers, body).await?, &number).await
         }
@@ -112,16 +129,7 @@ fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
 /// Checks the bearer token, and that its user still exists and is enabled. A verified token
 /// is remembered until its `exp`, and a user found enabled for USER_CACHE_SECONDS (cache.rs).
 async fn authenticate(state: &AppState, parts: &Parts) -> Result<(), Problem> {
-    let token = crate::auth::bearer(&parts.headers)?;
-    let now = crate::auth::unix_now();
-    let sub = match state.verified_tokens().get(token, now) {
-        Some(sub) => sub,
-        None => {
-            let (sub, exp) = state.tokens().verify_claims(token)?;
-            state.verified_tokens().insert(token, &sub, exp, now);
-            Arc::from(sub)
-        }
-    };
+    let sub = caller(state, crate::auth::bearer(&parts.headers)?)?;
     if let Some(users) = state.users() {
         if state.enabled_users().is_fresh(&sub) {
             return Ok(());
@@ -138,6 +146,17 @@ async fn authenticate(state: &AppState, parts: &Parts) -> Result<(), Problem> {
         }
     }
     Ok(())
+}
+
+/// The subject of a valid token: remembered, or verified now and remembered until its `exp`.
+fn caller(state: &AppState, token: &str) -> Result<Arc<str>, Problem> {
+    let now = crate::auth::unix_now();
+    if let Some(sub) = state.verified_tokens().get(token, now) {
+        return Ok(sub);
+    }
+    let (sub, exp) = state.tokens().verify_claims(token)?;
+    state.verified_tokens().insert(token, &sub, exp, now);
+    Ok(Arc::from(sub))
 }
 
 /// The store answers and the ARI event WebSocket is connected.
@@ -179,7 +198,12 @@ pub(crate) async fn readyz(state: &AppState) -> Result<Response<Body>, Problem> 
         (status = 429, response = Problem),
         (status = 503, response = Problem),
     ))]
-pub(crate) async fn token(state: &AppState, parts: &Parts, body: Bytes) -> Result<Response<Body>, Problem> {
+pub(crate) async fn token(
+    state: &AppState,
+    parts: &Parts,
+    body: Bytes,
+    peer: IpAddr,
+) -> Result<Response<Body>, Problem> {
     let Some(users) = state.users() else {
         return Err(Problem::new(
             "database-required",
@@ -190,7 +214,7 @@ pub(crate) async fn token(state: &AppState, parts: &Parts, body: Bytes) -> Resul
     body::require_media_type(&parts.headers, "application/x-www-form-urlencoded")?;
     let TokenForm { username, password, .. } = TokenForm::parse(&body)?;
     // Counted before the password is looked at; see throttle.rs.
-    let client = state.options().trusted_proxies.client_of(&parts.extensions, &parts.headers);
+    let client = state.options().trusted_proxies.client(peer, &parts.headers);
     let attempt = state.login_throttle().begin(&username, client)?;
     attempt.wait().await;
     let valid = match users.check_password(&username, &password).await {
@@ -371,15 +395,10 @@ pub(crate) async fn list_calls(state: &AppState, parts: &Parts) -> Result<Respon
     ))]
 pub(crate) async fn get_call(state: &AppState, call_id: &str) -> Result<Response<Body>, Problem> {
     let call_id = parse_call_id(call_id)?;
-    // An ended call never changes: its answer, once made, is kept (cache.rs).
-    if let Some(answer) = state.answers().get(call_id) {
+    if let Some(answer) = kept_answer(state, call_id) {
         return Ok(body::json_bytes(StatusCode::OK, answer));
     }
-    // A live call's answer is kept for as long as the call stays at the version it shows.
     let live = state.manager().live_version(call_id);
-    if let Some(answer) = live.and_then(|version| state.live_answers().get(call_id, version)) {
-        return Ok(body::json_bytes(StatusCode::OK, answer));
-    }
     let call = state.manager().get(call_id).await?.ok_or(ivr_core::Error::NotFound(call_id))?;
     let answer = body::to_json(&CallView::from(&call));
     if call.is_completed() {
@@ -389,6 +408,16 @@ pub(crate) async fn get_call(state: &AppState, call_id: &str) -> Result<Response
         state.live_answers().insert(call_id, call.version(), answer.clone());
     }
     Ok(body::json_bytes(StatusCode::OK, answer))
+}
+
+/// The call's answer as memory keeps it (cache.rs), if it does: an ended call's (it never
+/// changes), or a live call's while the call is still at the version the answer shows.
+fn kept_answer(state: &AppState, call_id: CallId) -> Option<Bytes> {
+    if let Some(answer) = state.answers().get(call_id) {
+        return Some(answer);
+    }
+    let version = state.manager().live_version(call_id)?;
+    state.live_answers().get(call_id, version)
 }
 
 /// One call (the same as GET /api/v1/calls/{call_id}).

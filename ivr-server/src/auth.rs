@@ -211,13 +211,16 @@ impl Tokens {
 
 /// The bearer token of a request's `Authorization` header.
 pub fn bearer(headers: &HeaderMap) -> Result<&str, TokenError> {
-    let value = headers.get(AUTHORIZATION).ok_or(TokenError::Missing)?;
-    let value = value.to_str().map_err(|_| TokenError::Malformed)?;
-    let (scheme, token) = value.trim().split_once(' ').ok_or(TokenError::NotBearer)?;
-    if !scheme.eq_ignore_ascii_case("bearer") {
+    // On bytes, and UTF-8 checked for the token only, rather than `HeaderValue::to_str`'s
+    // byte-by-byte check of the whole value: this runs on every request, and the token's
+    // signature check refuses any odd byte anyway.
+    let value = headers.get(AUTHORIZATION).ok_or(TokenError::Missing)?.as_bytes().trim_ascii();
+    let space = value.iter().position(|&b| b == b' ').ok_or(TokenError::NotBearer)?;
+    let (scheme, token) = (&value[..space], &value[space + 1..]);
+    if !scheme.eq_ignore_ascii_case(b"bearer") {
         return Err(TokenError::NotBearer);
     }
-    Ok(token.trim())
+    std::str::from_utf8(token.trim_ascii()).map_err(|_| TokenError::Malformed)
 }
 
 /// Whether a token's header parses as JSON with an `alg` other than HS256 (e.g. `none`,

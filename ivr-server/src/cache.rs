@@ -20,10 +20,13 @@
 //!   outcome cannot change before `exp`: the key, the algorithm, issuer and audience are fixed
 //!   for the process, and `nbf`/`iat` only ever become more valid with time.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+// foldhash rather than SipHash: every key is a call id or token this process made or verified
+// (so no one can choose colliding keys), and SipHash was a tenth of a cached GET's own work.
+use foldhash::HashMap;
 use hyper::body::Bytes;
 use ivr_core::CallId;
 use tokio::time::Instant;
@@ -136,7 +139,7 @@ pub struct LiveAnswers {
 
 impl LiveAnswers {
     pub fn new(limit: usize) -> Self {
-        LiveAnswers { limit, inner: Mutex::new(HashMap::new()) }
+        LiveAnswers { limit, inner: Mutex::new(HashMap::default()) }
     }
 
     /// The answer kept for `call_id` if it shows `version`.
@@ -182,7 +185,7 @@ pub struct UserCache {
 
 impl UserCache {
     pub fn new(staleness: Duration) -> Self {
-        UserCache { staleness, enabled: Mutex::new(HashMap::new()) }
+        UserCache { staleness, enabled: Mutex::new(HashMap::default()) }
     }
 
     /// Whether `username` was found enabled less than the staleness bound ago.

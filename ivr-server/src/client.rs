@@ -1,19 +1,16 @@
 //! Who the client is: the peer address of the TCP connection, or, behind proxies listed in
 //! TRUSTED_PROXIES, the right-most address in `X-Forwarded-For` that is not a trusted proxy.
 //!
-//! The accept loop puts the peer address into each request's extensions ([`Peer`]). Reading
-//! `X-Forwarded-For` from the right and stopping at the first hop that is not trusted means a
+//! The accept loop hands each request's peer address to [`api::handle`](crate::api::handle)
+//! (an argument, not a request extension: that would cost a map and two allocations per
+//! request). Reading `X-Forwarded-For` from the right and stopping at the first hop that is not trusted means a
 //! client cannot choose its own address by sending the header: whatever it writes is to the
 //! left of what the trusted proxies append. Without TRUSTED_PROXIES the header is ignored.
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 
 use hyper::HeaderMap;
-
-/// The TCP peer of the connection a request came on (a request extension).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Peer(pub SocketAddr);
 
 /// Networks whose `X-Forwarded-For` is believed (TRUSTED_PROXIES): addresses or CIDR blocks.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -98,13 +95,6 @@ impl TrustedProxies {
 
     pub fn contains(&self, ip: IpAddr) -> bool {
         self.0.iter().any(|n| n.contains(ip))
-    }
-
-    /// The client's address for a request's `extensions` (its [`Peer`]) and `headers`; the
-    /// unspecified address when the request did not come through [`serve`](crate::serve).
-    pub fn client_of(&self, extensions: &hyper::http::Extensions, headers: &HeaderMap) -> IpAddr {
-        let peer = extensions.get::<Peer>().map_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |p| p.0.ip());
-        self.client(peer, headers)
     }
 
     /// The client's address for a request from `peer` with `headers` (see the module doc).

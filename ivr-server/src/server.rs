@@ -27,19 +27,20 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
+use std::future::{ready, Future};
 use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
+use futures_util::future::Either;
 use futures_util::FutureExt;
 use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONNECTION, RETRY_AFTER};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response};
+use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use ivr_core::CallManager;
@@ -47,7 +48,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Body;
-use crate::client::{address_key, Peer, TrustedProxies};
+use crate::client::{address_key, TrustedProxies};
 use crate::conn::{self, Guarded};
 use crate::problem::Problem;
 use crate::AppState;
@@ -219,11 +220,9 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         let first = FirstRequest::new(&awaiting_first);
         let service = service_fn({
             let first = first.clone();
-            move |mut request: Request<Incoming>| {
+            move |request: Request<Incoming>| {
                 first.arrived();
-                let state = state.clone();
-                request.extensions_mut().insert(Peer(peer));
-                async move { Ok::<_, Infallible>(respond(&state, request).await) }
+                respond(&state, peer.ip(), request)
             }
         });
         let (io, returned) = Guarded::new(stream);
@@ -287,19 +286,55 @@ fn refuse(
 }
 
 /// One request: the answer, its metrics and its log line. A panic in a handler is a 500.
-async fn respond(state: &AppState, request: Request<Incoming>) -> Response<Body> {
+/// This is the service of every connection [`serve`] accepts (the benches call it in-process).
+///
+/// Most requests are status GETs that memory answers ([`api::answer_at_once`]): they are
+/// answered here, before any future exists, so hyper stores and moves only the answer (the
+/// handlers' future is a kilobyte, and moving it was a tenth of such a request's work). The
+/// rest go through [`api::handle`], boxed.
+///
+/// [`api::answer_at_once`]: crate::api::answer_at_once
+/// [`api::handle`]: crate::api::handle
+pub fn respond(
+    state: &AppState,
+    peer: IpAddr,
+    request: Request<Incoming>,
+) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
     let started = Instant::now();
-    let method = request.method().clone();
-    let (route, response) = match AssertUnwindSafe(crate::api::handle(state, request)).catch_unwind().await {
-        Ok(answer) => answer,
-        Err(_) => {
-            tracing::error!(%method, "a handler panicked");
-            ("unmatched", Problem::new("internal", "the server failed to answer; this has been logged").into_response())
-        }
+    let answered = match std::panic::catch_unwind(AssertUnwindSafe(|| crate::api::answer_at_once(state, &request))) {
+        Ok(answered) => answered,
+        Err(_) => Some(panicked(request.method())),
     };
+    if let Some((route, response)) = answered {
+        return Either::Left(ready(Ok(finish(state, request.method(), route, started, response))));
+    }
+    let state = state.clone();
+    Either::Right(Box::pin(async move {
+        let method = request.method().clone();
+        let (route, response) = match AssertUnwindSafe(crate::api::handle(&state, peer, request)).catch_unwind().await {
+            Ok(answer) => answer,
+            Err(_) => panicked(&method),
+        };
+        Ok(finish(&state, &method, route, started, response))
+    }))
+}
+
+fn panicked(method: &Method) -> (&'static str, Response<Body>) {
+    tracing::error!(%method, "a handler panicked");
+    ("unmatched", Problem::new("internal", "the server failed to answer; this has been logged").into_response())
+}
+
+/// Counts and logs an answer.
+fn finish(
+    state: &AppState,
+    method: &Method,
+    route: &'static str,
+    started: Instant,
+    response: Response<Body>,
+) -> Response<Body> {
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
-    state.http_metrics().observe(&method, route, status, elapsed);
+    state.http_metrics().observe(method, route, status, elapsed);
     tracing::info!(
         target: "ivr_server::access",
         %method,

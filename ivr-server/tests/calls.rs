@@ -171,6 +171,30 @@ async fn cancel_a_ringing_call() {
     fake.shutdown().await;
 }
 
+/// An ended call's answer is kept and served from memory (`api::answer_at_once`), but only to a
+/// caller the full path would let in: the same answer each time, a 401 without a valid token,
+/// and, with USER_CACHE_SECONDS=0, a 401 as soon as the user is disabled.
+#[tokio::test]
+async fn a_kept_answer_is_served_only_to_whom_the_full_path_would_serve_it() {
+    let (server, _fake) = start(0.05, &[("USER_CACHE_SECONDS", "0")]).await;
+    let token = server.login().await;
+    let (status, _, created) =
+        send(auth(client().post(server.url("/api/v1/calls")), &token).json(&json!({"phone_number": "+15550000005"})))
+            .await;
+    assert_eq!(status, 201, "{created}");
+    let call_id = created["call_id"].as_str().unwrap();
+    let ended = until_ended(&server, &token, call_id).await;
+    for path in [format!("/api/v1/calls/{call_id}"), format!("/api/v1/status/{call_id}")] {
+        let (status, _, again) = send(auth(client().get(server.url(&path)), &token)).await;
+        assert_eq!((status, &again), (200, &ended), "{path}");
+        problem(client().get(server.url(&path)), 401).await;
+        problem(auth(client().get(server.url(&path)), &format!("{token}x")), 401).await;
+    }
+    within("disable", server.state.users().unwrap().set_disabled(USER, true)).await.unwrap();
+    problem(auth(client().get(server.url(&format!("/api/v1/status/{call_id}"))), &token), 401).await;
+    server.shutdown().await;
+}
+
 /// `Server-Timing: ari;dur=MS` on a create is Asterisk's part of the request: at least what the
 /// fake took to take the originate, at most the whole request; none on a replay.
 #[tokio::test]
