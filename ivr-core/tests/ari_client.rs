@@ -113,6 +113,25 @@ async fn every_rest_call_against_the_fake() {
     until_event(&mut events, "ChannelDestroyed", &id).await;
 }
 
+/// An event far larger than one read of the socket (ari/stream.rs reads 16 KiB at a time)
+/// arrives whole: here a StasisStart whose argument is 50 KB (about as long as a URI may be).
+#[tokio::test]
+async fn an_event_larger_than_a_read_arrives_whole() {
+    let fake = fake().await;
+    let ari = AriClient::new(config(&fake)).unwrap();
+    let mut events = EventStream::connect(config(&fake)).unwrap();
+    connected(&mut events).await;
+    let id = uuid::Uuid::new_v4().to_string();
+    let arg: String = (0..50_000).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+    let mut request = originate("+15550000005", &id);
+    request.target = OriginateTarget::App { app: "ivr".into(), app_args: Some(arg.clone()) };
+    within("originate", ari.originate(&request)).await.unwrap();
+    match until_event(&mut events, "StasisStart", &id).await {
+        AriEvent::StasisStart { args, .. } => assert!(args == [arg], "the argument came back changed"),
+        other => panic!("expected StasisStart, got {other:?}"),
+    }
+}
+
 #[tokio::test]
 async fn each_error_kind_keeps_aris_status_and_message() {
     let fake = fake().await;
