@@ -24,7 +24,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role, WebSocketConfig};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::WebSocketStream;
 
@@ -503,7 +503,11 @@ async fn socket(
     upgraded: hyper::upgrade::Upgraded,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
 ) {
-    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+    // The client only sends pings and a close. tungstenite zero-fills the room for a read before
+    // every poll of the read side, which this loop does once per event sent: its default of
+    // 128 KiB was a tenth of the fake's CPU under load (perf).
+    let config = WebSocketConfig::default().read_buffer_size(4 * 1024);
+    let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await;
     let write_timeout = shared.config.websocket_write_timeout;
     loop {
         tokio::select! {
