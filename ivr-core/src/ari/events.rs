@@ -10,8 +10,12 @@ use time::OffsetDateTime;
 use super::model::{Channel, Playback};
 
 /// One event from `/ari/events`.
+///
+/// On the wire the variant is the object's `type` member. The derive reads it as an externally
+/// tagged enum: [`AriEvent::parse`] names the variant from the skimmed `type` and hands over
+/// the whole object as its fields (see `ByType`). An internally tagged derive would buffer
+/// every event into serde's `Content` tree first, which was a third of an event's decoding.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
-#[serde(tag = "type")]
 #[non_exhaustive]
 pub enum AriEvent {
     /// The channel entered the application. For an originate into an app this comes only
@@ -121,6 +125,71 @@ struct Kind<'a> {
     kind: Option<Cow<'a, str>>,
 }
 
+/// An event as the externally tagged enum serde's derive reads: the variant named by the
+/// skimmed `type`, its fields the whole object (the `type` member and any other unknown
+/// member are ignored, as a struct variant does).
+struct ByType<'k, 'a> {
+    kind: &'k str,
+    fields: &'k mut serde_json::Deserializer<serde_json::de::StrRead<'a>>,
+}
+
+impl<'de> serde::Deserializer<'de> for ByType<'_, 'de> {
+    type Error = serde_json::Error;
+
+    fn deserialize_any<V: serde::de::Visitor<'de>>(self, _visitor: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("an ARI event is read as an enum"))
+    }
+
+    fn deserialize_enum<V: serde::de::Visitor<'de>>(
+        self,
+        _name: &'static str,
+        _variants: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        visitor.visit_enum(self)
+    }
+
+    serde::forward_to_deserialize_any! {
+        bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes byte_buf option unit
+        unit_struct newtype_struct seq tuple tuple_struct map struct identifier ignored_any
+    }
+}
+
+impl<'de> serde::de::EnumAccess<'de> for ByType<'_, 'de> {
+    type Error = serde_json::Error;
+    type Variant = Self;
+
+    fn variant_seed<S: serde::de::DeserializeSeed<'de>>(self, seed: S) -> Result<(S::Value, Self), Self::Error> {
+        use serde::de::IntoDeserializer as _;
+        let variant = seed.deserialize(self.kind.into_deserializer())?;
+        Ok((variant, self))
+    }
+}
+
+impl<'de> serde::de::VariantAccess<'de> for ByType<'_, 'de> {
+    type Error = serde_json::Error;
+
+    fn unit_variant(self) -> Result<(), Self::Error> {
+        Err(serde::de::Error::custom("every ARI event has fields"))
+    }
+
+    fn newtype_variant_seed<S: serde::de::DeserializeSeed<'de>>(self, _seed: S) -> Result<S::Value, Self::Error> {
+        Err(serde::de::Error::custom("every ARI event has named fields"))
+    }
+
+    fn tuple_variant<V: serde::de::Visitor<'de>>(self, _len: usize, _visitor: V) -> Result<V::Value, Self::Error> {
+        Err(serde::de::Error::custom("every ARI event has named fields"))
+    }
+
+    fn struct_variant<V: serde::de::Visitor<'de>>(
+        self,
+        fields: &'static [&'static str],
+        visitor: V,
+    ) -> Result<V::Value, Self::Error> {
+        serde::Deserializer::deserialize_struct(&mut *self.fields, "event", fields, visitor)
+    }
+}
+
 /// Event types decoded into a typed variant; the rest become [`AriEvent::Unknown`].
 const TYPED: &[&str] = &[
     "StasisStart",
@@ -152,7 +221,12 @@ impl AriEvent {
         let Kind { kind } = serde_json::from_str(text)?;
         let kind = kind.ok_or_else(not_an_event)?;
         if TYPED.contains(&&*kind) {
-            match serde_json::from_str::<AriEvent>(text) {
+            let mut fields = serde_json::Deserializer::from_str(text);
+            let event = AriEvent::deserialize(ByType { kind: &kind, fields: &mut fields }).and_then(|event| {
+                fields.end()?;
+                Ok(event)
+            });
+            match event {
                 Ok(event) => return Ok(event),
                 Err(e) => {
                     tracing::warn!(event = %kind, error = %e, "ARI event with an unexpected shape; passed on as unknown")
@@ -273,6 +347,17 @@ mod tests {
         // serde would read a struct from an array; an event is an object.
         assert!(AriEvent::parse(r#"["StasisStart"]"#).is_err());
         assert!(AriEvent::parse(r#"{"type": 7}"#).is_err());
+    }
+
+    /// The variant comes from `type` wherever it sits in the object, and the object's other
+    /// members are the variant's fields; trailing text after the object is refused.
+    #[test]
+    fn the_type_may_come_anywhere_and_the_object_must_end() {
+        let last = r#"{"application": "ivr", "timestamp": "2026-11-24T12:35:50.150+0000", "playback": {"id": "4c7a", "media_uri": "sound:x", "target_uri": "channel:95f6ad3c", "state": "done"}, "type": "PlaybackFinished"}"#;
+        let event = AriEvent::parse(last).unwrap();
+        assert!(matches!(&event, AriEvent::PlaybackFinished { playback, .. } if playback.state == "done"), "{event:?}");
+        assert_eq!(event.channel_id(), Some("95f6ad3c"));
+        assert!(AriEvent::parse(&format!("{last} {{}}")).is_err());
     }
 
     #[test]
