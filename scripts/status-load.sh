@@ -10,7 +10,8 @@
 # with wrk at 32 and 128 connections, interleaved (baseline, ivr, baseline, ivr), DURATION each,
 # REPEAT times per row (each side's best run by req/s is reported: a shared machine is noisy).
 # It prints a row per (store, calls, connections): req/s, p50, p99, the ratios, and the peak RSS
-# of ivr-server; then a one-line summary. A run with non-2xx answers or socket errors is flagged on
+# of ivr-server; then a one-line summary, and a line counting the rows that meet issue 10's goals
+# (req/s at least 0.8x the baseline for ended calls and 0.5x for live ones; p99 at most 1.5x). A run with non-2xx answers or socket errors is flagged on
 # its row (they would flatter ivr). For ended calls it then offers both servers the same paced
 # load (PACED_RATES GETs a second, examples/api_load) and prints p50 and p99 of each: at equal
 # load the latency is the server's, where flat out it is wherever the queue sits. On the memory store it also measures POST /api/v1/calls at
@@ -69,6 +70,7 @@ run_wrk() { # url conns ids_file prefix
 
 rows=()
 summary=()
+rows_total=0 rps_met=0 p99_met=0
 create=()
 paced_rows=()
 echo
@@ -151,6 +153,11 @@ for store in $STORES; do
       [ "$i_bad" -gt 0 ] && flag=" ($i_bad non-2xx or socket errors!)"
       echo "| $store | $kind ($size B) | $c | $b_rps | $i_rps$flag | $ratio | $b_p99 ms | $i_p99 ms | $p99r | $i_p50 ms | $rss |"
       summary+=("$store/$kind/$c=${ratio}x")
+      # The issue's goals per row: req/s at least 0.8x (ended) or 0.5x (live), p99 at most 1.5x.
+      goal=$([ "$kind" = ended ] && echo 0.8 || echo 0.5)
+      rows_total=$((rows_total + 1))
+      awk -v r="$ratio" -v g="$goal" 'BEGIN { exit !(r >= g) }' && rps_met=$((rps_met + 1))
+      awk -v r="$p99r" 'BEGIN { exit !(r <= 1.5) }' && p99_met=$((p99_met + 1))
     done
     if [ "$kind" = ended ]; then
       # Paced: both servers offered the same load (examples/api_load --rate), REPEAT runs each,
@@ -191,6 +198,7 @@ for store in $STORES; do
 done
 echo
 echo "summary (ivr req/s as a ratio to the minimal hyper server, same run): ${summary[*]}"
+echo "goals: req/s (>= 0.8x ended, >= 0.5x live) met on $rps_met of $rows_total rows; p99 <= 1.5x met on $p99_met of $rows_total rows"
 if [ ${#paced_rows[@]} -gt 0 ]; then
   echo
   echo "paced: both servers offered the same GETs per second (examples/api_load --rate), median of $REPEAT runs"
