@@ -6,15 +6,15 @@
 //! cargo run --release --example memory_rss [-- CALLS]
 //! ```
 //!
-//! It runs on mimalloc, as ivr-server does. It also checks the bound: a store made to keep half as many ended calls keeps exactly that
-//! many, the last to end.
+//! It runs on mimalloc, as ivr-server does. It also checks the bound: a store made to keep
+//! half as many ended calls keeps exactly that many, the last to end.
 
 use ivr_core::store::conformance::answered_call_that_ended;
+use ivr_core::{CallStore, MemoryCallStore};
 
 // The allocator ivr-server runs on, so the figure is the shipped binary's.
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-use ivr_core::{CallStore, MemoryCallStore};
 
 fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();

@@ -3,9 +3,9 @@
 //!
 //! The accept loop hands each request's peer address to [`api::handle`](crate::api::handle)
 //! (an argument, not a request extension: that would cost a map and two allocations per
-//! request). Reading `X-Forwarded-For` from the right and stopping at the first hop that is not trusted means a
-//! client cannot choose its own address by sending the header: whatever it writes is to the
-//! left of what the trusted proxies append. Without TRUSTED_PROXIES the header is ignored.
+//! request). Reading `X-Forwarded-For` from the right and stopping at the first hop that is not
+//! trusted means a client cannot choose its own address by sending the header: whatever it
+//! writes is to the left of what the trusted proxies append. Without TRUSTED_PROXIES the header is ignored.
 
 use std::fmt;
 use std::net::IpAddr;

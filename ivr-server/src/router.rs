@@ -153,7 +153,8 @@ fn segments<'a>(path: &'a str, out: &mut [Cow<'a, str>; MAX_SEGMENTS]) -> Option
     let rest = path.strip_prefix('/')?;
     let bytes = rest.as_bytes();
     // memchr's vector searches rather than `split` and a `%` search per segment, which went
-    // byte by byte: this runs on every request, and was a twentieth of a cached GET's work.
+    // byte by byte: this runs on every request, and took 1,230 of a cached GET's 17,300
+    // instructions (callgrind; 770 of 14,500 now).
     let escaped = memchr::memchr(b'%', bytes).is_some();
     let mut count = 0;
     let mut start = 0;

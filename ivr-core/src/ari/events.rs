@@ -221,12 +221,9 @@ impl AriEvent {
         let Kind { kind } = serde_json::from_str(text)?;
         let kind = kind.ok_or_else(not_an_event)?;
         if TYPED.contains(&&*kind) {
+            // The skim has read the whole text (trailing text is already refused).
             let mut fields = serde_json::Deserializer::from_str(text);
-            let event = AriEvent::deserialize(ByType { kind: &kind, fields: &mut fields }).and_then(|event| {
-                fields.end()?;
-                Ok(event)
-            });
-            match event {
+            match AriEvent::deserialize(ByType { kind: &kind, fields: &mut fields }) {
                 Ok(event) => return Ok(event),
                 Err(e) => {
                     tracing::warn!(event = %kind, error = %e, "ARI event with an unexpected shape; passed on as unknown")

@@ -7,7 +7,8 @@
 //! the order they happened and the event loop never waits on the store. While the store is
 //! down the writer holds the transition (and the rest behind it) and tries again.
 
-// foldhash: the keys are call ids this process made (see ivr-server's cache.rs).
+// foldhash rather than SipHash: the keys are call ids this process made, so no one can choose
+// colliding ones, and a server looks a live call up on each of its status GETs.
 use foldhash::HashMap;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
