@@ -16,7 +16,8 @@
 # of ivr-server; then a one-line summary, and a line counting the rows that meet issue 10's goals
 # (req/s at least 0.8x the baseline for ended calls and 0.5x for live ones; p99 at most 1.5x). A run with non-2xx answers or socket errors is flagged on
 # its row (they would flatter ivr). For ended calls it then offers both servers the same paced
-# load (PACED_RATES GETs a second, examples/api_load) and prints p50 and p99 of each: at equal
+# load (PACED_SHARES percent of the baseline's req/s flat out at 32 connections in that store's
+# run, or PACED_RATES GETs a second if set; examples/api_load) and prints p50 and p99 of each: at equal
 # load the latency is the server's, where flat out it is wherever the queue sits. On the memory store it also measures POST /api/v1/calls at
 # 32 connections with examples/api_load, flat out and at CREATE_RATE creates a second: per
 # request, the time the client saw minus the ARI originate time the answer reports
@@ -31,7 +32,12 @@ SEED_ENDED=${SEED_ENDED:-2000}
 SEED_LIVE=${SEED_LIVE:-200}
 CONNECTIONS=${CONNECTIONS:-"32 128"}
 CREATE_RATE=${CREATE_RATE:-1000}   # creates per second offered in the paced create run
-PACED_RATES=${PACED_RATES:-"50000 100000"}   # GETs per second offered to both servers in the paced rows
+# GETs per second offered to both servers in the paced rows: PACED_RATES if set, else
+# PACED_SHARES percent of the baseline's flat-out req/s (a fixed rate near one machine's limit
+# is past another's, and an open loop past a server's limit measures only its queue; the paced
+# client costs more a request than wrk, and at 70% it was its own queue here).
+PACED_RATES=${PACED_RATES:-}
+PACED_SHARES=${PACED_SHARES:-"25 50"}
 # Both servers get the same worker threads: by default the cores less the one wrk runs on, so
 # that the client and the server do not take turns on a core (the server's p99 is then the
 # scheduler's time slice, not its own).
@@ -152,6 +158,7 @@ for store in $STORES; do
       pids+=($twin_pid)
       wait_http "http://127.0.0.1:$twin_port/"
     fi
+    paced_base=""
     for c in $CONNECTIONS; do
       # REPEAT pairs (baseline, ivr), interleaved; each side's best run (by req/s) counts.
       b_rps=0 i_rps=0 i_bad=0 t_rps=0
@@ -179,6 +186,8 @@ for store in $STORES; do
       [ "$i_bad" -gt 0 ] && flag=" ($i_bad non-2xx or socket errors!)"
       echo "| $store | $kind ($size B) | $c | $b_rps | $i_rps$flag | $ratio | $b_p99 ms | $i_p99 ms | $p99r | $twinr | $i_p50 ms | $rss |"
       summary+=("$store/$kind/$c=${ratio}x")
+      # What the paced rows' shares are of: the 32-connection row's (else the first row's).
+      { [ "$c" = 32 ] || [ -z "$paced_base" ]; } && paced_base=$b_rps
       # The issue's goals per row: req/s at least 0.8x (ended) or 0.5x (live), p99 at most 1.5x.
       goal=$([ "$kind" = ended ] && echo 0.8 || echo 0.5)
       rows_total=$((rows_total + 1))
@@ -188,7 +197,9 @@ for store in $STORES; do
     if [ "$kind" = ended ]; then
       # Paced: both servers offered the same load (examples/api_load --rate), REPEAT runs each,
       # interleaved; the median run's p50 and p99 count.
-      for rate in $PACED_RATES; do
+      rates=$PACED_RATES
+      [ -n "$rates" ] || rates=$(for share in $PACED_SHARES; do echo $((paced_base * share / 100)); done)
+      for rate in $rates; do
         b_runs=() i_runs=()
         for _ in $(seq "$REPEAT"); do
           b_runs+=("$(paced "http://127.0.0.1:$base_port" / "$rate")")
