@@ -7,7 +7,7 @@
 # For each store it starts the fake Asterisk and ivr-server (release builds), seeds calls
 # through the API (SEED_ENDED that end at once, SEED_LIVE that stay up), measures the size of
 # one status answer, starts examples/baseline_http with a body of that size, and drives both
-# with wrk at 32 and 128 connections, interleaved (baseline, ivr, baseline, ivr), DURATION each,
+# with wrk at 32 and 128 connections, interleaved (baseline, ivr, twin, baseline, …), DURATION each,
 # REPEAT times per row (each side's best run by req/s is reported: a shared machine is noisy).
 # A second copy of the baseline (its twin) is measured the same way in every round: its p99 as a
 # ratio to the baseline's is what the noise alone does to that ratio in this run (ended calls'
