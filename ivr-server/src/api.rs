@@ -16,6 +16,7 @@ use hyper::{Request, Response, StatusCode};
 use ivr_core::CallId;
 
 use crate::body::{self, full, Body};
+use crate::cache::Checked;
 use crate::fields::{IdempotencyKey, PhoneText};
 use crate::problem::Problem;
 use crate::request::{CallBody, CallOptions, ListQuery, TokenForm};
@@ -58,7 +59,7 @@ pub fn answer_at_once(state: &AppState, request: &Request<Incoming>) -> Option<(
         Route::GetCall { call_id } | Route::Status { call_id } => {
             let token = crate::auth::bearer(request.headers()).ok()?;
             let sub = state.verified_tokens().get(token, crate::auth::unix_now())?;
-            if state.users().is_some() && !state.enabled_users().is_fresh(&sub) {
+            if state.users().is_some() && !user_is_fresh(state, &sub) {
                 return None;
             }
             body::json_bytes(StatusCode::OK, kept_answer(state, parse_call_id(call_id).ok()?)?)
@@ -131,14 +132,17 @@ fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
 async fn authenticate(state: &AppState, parts: &Parts) -> Result<(), Problem> {
     let sub = caller(state, crate::auth::bearer(&parts.headers)?)?;
     if let Some(users) = state.users() {
-        if state.enabled_users().is_fresh(&sub) {
+        if user_is_fresh(state, &sub) {
             return Ok(());
         }
         let asked = tokio::time::Instant::now();
         // Boxed: asked at most once per USER_CACHE_SECONDS, and a query's future is large.
         match Box::pin(users.is_enabled(&sub)).await {
             Ok(true) => state.enabled_users().enabled_at(&sub, asked),
-            Ok(false) => return Err(crate::auth::TokenError::UnknownUser.into()),
+            Ok(false) => {
+                state.enabled_users().forget(&sub);
+                return Err(crate::auth::TokenError::UnknownUser.into());
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "user store unavailable");
                 return Err(Problem::new("store-unavailable", "the user store could not be reached"));
@@ -146,6 +150,30 @@ async fn authenticate(state: &AppState, parts: &Parts) -> Result<(), Problem> {
         }
     }
     Ok(())
+}
+
+/// Whether `sub` is fresh in the user cache, so that a request may be answered without asking
+/// the users table; past half the bound one request asks again, in the background
+/// ([`Checked`](crate::cache::Checked)). Only for a server with a users table.
+fn user_is_fresh(state: &AppState, sub: &Arc<str>) -> bool {
+    match state.enabled_users().check(sub) {
+        Checked::Fresh => true,
+        Checked::Stale => false,
+        Checked::FreshAskAgain => {
+            let (state, sub) = (state.clone(), Arc::clone(sub));
+            tokio::spawn(async move {
+                let Some(users) = state.users() else { return };
+                let asked = tokio::time::Instant::now();
+                match users.is_enabled(&sub).await {
+                    Ok(true) => state.enabled_users().enabled_at(&sub, asked),
+                    Ok(false) => state.enabled_users().forget(&sub),
+                    // The entry lapses at its bound, and the next request asks in the open.
+                    Err(e) => tracing::warn!(error = %e, "user store unavailable"),
+                }
+            });
+            true
+        }
+    }
 }
 
 /// The subject of a valid token: remembered, or verified now and remembered until its `exp`.

@@ -13,8 +13,9 @@
 //!   the call would give, never older. At most a fixed number of entries (twice
 //!   MAX_ACTIVE_CALLS); an ended call's entry goes when it is next read, or when the map is full.
 //! - [`UserCache`]: "this user exists and is enabled", remembered for `USER_CACHE_SECONDS`
-//!   (default 1 s). Only a yes is remembered, so disabling or deleting a user locks their tokens
-//!   out within that bound, and a re-enabled user is let in at once.
+//!   (default 1 s), and asked again in the background by one request past half the bound. Only
+//!   a yes is remembered, counted from when its query started, so disabling or deleting a user
+//!   locks their tokens out within that bound, and a re-enabled user is let in at once.
 //! - [`TokenCache`]: a token whose signature and claims were verified, with its subject,
 //!   remembered until its `exp` (at most [`TOKEN_CACHE_ENTRIES`] tokens). The verification's
 //!   outcome cannot change before `exp`: the key, the algorithm, issuer and audience are fixed
@@ -180,7 +181,30 @@ impl LiveAnswers {
 #[derive(Debug)]
 pub struct UserCache {
     staleness: Duration,
-    enabled: Mutex<HashMap<String, Instant>>,
+    enabled: Mutex<HashMap<String, Enabled>>,
+}
+
+#[derive(Debug)]
+struct Enabled {
+    /// When the query that found the user enabled started.
+    checked: Instant,
+    /// A caller was told to ask again ([`Checked::FreshAskAgain`]) since.
+    asking: bool,
+}
+
+/// What [`UserCache::check`] knows of a user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Checked {
+    /// Found enabled less than half the staleness bound ago.
+    Fresh,
+    /// Found enabled less than the bound ago, but more than half: this caller (and no other,
+    /// until the answer is in) should ask the users table again without waiting for it. A
+    /// steady stream of requests then never finds its user stale, and the table is asked
+    /// once per half bound, not by every request that comes in while a lapsed entry is being
+    /// asked about (with 32 connections, up to 32 queries at once, once a bound).
+    FreshAskAgain,
+    /// Not known to be enabled: ask before answering.
+    Stale,
 }
 
 impl UserCache {
@@ -188,13 +212,25 @@ impl UserCache {
         UserCache { staleness, enabled: Mutex::new(HashMap::default()) }
     }
 
-    /// Whether `username` was found enabled less than the staleness bound ago.
-    pub fn is_fresh(&self, username: &str) -> bool {
+    /// Whether `username` was found enabled less than the staleness bound ago, and whether to
+    /// ask again now (see [`Checked`]). The bound holds whatever the answers' order: an entry
+    /// is served only until its own query's start plus the bound.
+    pub fn check(&self, username: &str) -> Checked {
         if self.staleness.is_zero() {
-            return false;
+            return Checked::Stale;
         }
         let now = Instant::now();
-        lock(&self.enabled).get(username).is_some_and(|checked| now.duration_since(*checked) < self.staleness)
+        let mut enabled = lock(&self.enabled);
+        let Some(entry) = enabled.get_mut(username) else { return Checked::Stale };
+        let age = now.duration_since(entry.checked);
+        if age >= self.staleness {
+            Checked::Stale
+        } else if age >= self.staleness / 2 && !entry.asking {
+            entry.asking = true;
+            Checked::FreshAskAgain
+        } else {
+            Checked::Fresh
+        }
     }
 
     /// `username` was found enabled by a query that started at `asked`.
@@ -205,12 +241,17 @@ impl UserCache {
         let mut enabled = lock(&self.enabled);
         if enabled.len() >= TOKEN_CACHE_ENTRIES && !enabled.contains_key(username) {
             let now = Instant::now();
-            enabled.retain(|_, checked| now.duration_since(*checked) < self.staleness);
+            enabled.retain(|_, e| now.duration_since(e.checked) < self.staleness);
             if enabled.len() >= TOKEN_CACHE_ENTRIES {
                 return;
             }
         }
-        enabled.insert(username.to_owned(), asked);
+        enabled.insert(username.to_owned(), Enabled { checked: asked, asking: false });
+    }
+
+    /// `username` was found disabled or gone: not fresh from now on.
+    pub fn forget(&self, username: &str) {
+        lock(&self.enabled).remove(username);
     }
 }
 
@@ -345,15 +386,40 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn an_enabled_user_is_trusted_for_the_staleness_bound_only() {
         let cache = UserCache::new(Duration::from_secs(1));
-        assert!(!cache.is_fresh("alice"));
+        assert_eq!(cache.check("alice"), Checked::Stale);
         cache.enabled_at("alice", Instant::now());
-        assert!(cache.is_fresh("alice"));
-        tokio::time::advance(Duration::from_millis(999)).await;
-        assert!(cache.is_fresh("alice"));
+        assert_eq!(cache.check("alice"), Checked::Fresh);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert_eq!(cache.check("alice"), Checked::FreshAskAgain, "past half the bound: ask again");
+        assert_eq!(cache.check("alice"), Checked::Fresh, "one caller asks; the others are served");
+        tokio::time::advance(Duration::from_millis(499)).await;
+        assert_eq!(cache.check("alice"), Checked::Fresh, "no answer yet, still within the bound");
         tokio::time::advance(Duration::from_millis(1)).await;
-        assert!(!cache.is_fresh("alice"), "asked again once the bound has passed");
+        assert_eq!(cache.check("alice"), Checked::Stale, "asked again once the bound has passed");
         let never = UserCache::new(Duration::ZERO);
         never.enabled_at("alice", Instant::now());
-        assert!(!never.is_fresh("alice"));
+        assert_eq!(never.check("alice"), Checked::Stale);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_counts_from_when_its_question_was_asked() {
+        let cache = UserCache::new(Duration::from_secs(1));
+        let first = Instant::now();
+        cache.enabled_at("alice", first);
+        tokio::time::advance(Duration::from_millis(600)).await;
+        assert_eq!(cache.check("alice"), Checked::FreshAskAgain);
+        let asked = Instant::now();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        cache.enabled_at("alice", asked);
+        assert_eq!(cache.check("alice"), Checked::Fresh, "the new answer is 0.1 s old");
+        // Fresh until the second question's start plus the bound, not its answer's.
+        tokio::time::advance(Duration::from_millis(899)).await;
+        assert_ne!(cache.check("alice"), Checked::Stale);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert_eq!(cache.check("alice"), Checked::Stale);
+        // Found disabled: stale at once, and asked about again.
+        cache.enabled_at("alice", Instant::now());
+        cache.forget("alice");
+        assert_eq!(cache.check("alice"), Checked::Stale);
     }
 }

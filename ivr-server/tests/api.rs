@@ -566,6 +566,37 @@ async fn no_secret_appears_in_the_logs() {
     assert!(!logs.to_ascii_lowercase().contains("authorization: bearer"));
 }
 
+/// Used steadily, a user is asked about again in the background once half of
+/// USER_CACHE_SECONDS has passed: disabled just after a check, they are locked out about half a
+/// bound later rather than a whole one (and never later than the bound).
+#[tokio::test]
+async fn under_steady_use_the_user_is_asked_again_before_the_bound_lapses() {
+    let bound = Duration::from_secs(2);
+    let server = TestServer::start(&[("USER_CACHE_SECONDS", "2")], Db::Sqlite, Ari::Down).await;
+    let token = server.login().await;
+    let get = || auth(client().get(server.url("/api/v1/calls")), &token);
+    let (status, _, _) = send(get()).await;
+    assert_eq!(status, 200, "found enabled, and remembered from now");
+    within("disable", server.state.users().unwrap().set_disabled(USER, true)).await.unwrap();
+    let disabled = Instant::now();
+    let locked_out = loop {
+        let (status, _, body) = send(get()).await;
+        if status == 401 {
+            break disabled.elapsed();
+        }
+        assert_eq!(status, 200, "{body}");
+        let since = disabled.elapsed();
+        assert!(since < bound + Duration::from_millis(500), "still let in {since:?} after being disabled");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        locked_out < bound * 4 / 5,
+        "locked out {locked_out:?} after being disabled: not asked again at half the bound"
+    );
+    problem(get(), 401).await;
+    server.shutdown().await;
+}
+
 /// With USER_CACHE_SECONDS=0 every request asks the users table: a disabled user's token stops
 /// working with the next request.
 #[tokio::test]
