@@ -7,27 +7,31 @@
 # For each store it starts the fake Asterisk and ivr-server (release builds), seeds calls
 # through the API (SEED_ENDED that end at once, SEED_LIVE that stay up), measures the size of
 # one status answer, starts examples/baseline_http with a body of that size, and drives both
-# with wrk at 32 and 128 connections, interleaved (baseline, ivr, twin, baseline, …), DURATION each,
-# REPEAT times per row (each side's best run by req/s is reported: a shared machine is noisy).
-# A second copy of the baseline (its twin) is measured the same way in every round: its p99 as a
-# ratio to the baseline's is what the noise alone does to that ratio in this run (ended calls'
-# rows only, as the live calls' time is short; TWIN=0: not at all).
+# with wrk at 32 and 128 connections, interleaved (baseline, ivr, twin, baseline, …), DURATION
+# each, REPEAT times per row (each side's best run by req/s is reported: a shared machine is
+# noisy). A second copy of the baseline (its twin) is measured the same way in every round: its
+# p99 as a ratio to the baseline's is what the noise alone does to that ratio in this run (ended
+# calls' rows only, as the live calls' time is short; TWIN=0: not at all).
+#
 # It prints a row per (store, calls, connections): req/s, p50, p99, the ratios, and the peak RSS
-# of ivr-server; then a one-line summary, and a line counting the rows that meet issue 10's goals
-# (req/s at least 0.8x the baseline for ended calls and 0.5x for live ones; p99 at most 1.5x). A run with non-2xx answers or socket errors is flagged on
-# its row (they would flatter ivr). For ended calls it then offers both servers the same paced
-# load (PACED_SHARES percent of the baseline's req/s flat out at 32 connections in that store's
-# run, or PACED_RATES GETs a second if set; examples/api_load) and prints p50 and p99 of each: at equal
-# load the latency is the server's, where flat out it is wherever the queue sits. On the memory store it also measures POST /api/v1/calls at
-# 32 connections with examples/api_load, flat out and at CREATE_RATE creates a second: per
-# request, the time the client saw minus the ARI originate time the answer reports
-# (Server-Timing), i.e. ivr's own share; p50 and p99 of each. Loopback only; every process it
-# starts is stopped. The access log is off (RUST_LOG=warn), as the baseline logs nothing either.
+# of ivr-server; then a one-line summary, and a line counting the rows that meet issue 10's
+# goals (req/s at least 0.8x the baseline for ended calls and 0.5x for live ones; p99 at most
+# 1.5x). A run with non-2xx answers or socket errors is flagged on its row (they would flatter
+# ivr). For ended calls it then offers both servers the same paced load (PACED_SHARES percent
+# of the baseline's req/s flat out at 32 connections in that store's run, or PACED_RATES GETs a
+# second if set; examples/api_load) and prints p50 and p99 of each: at equal load the latency
+# is the server's, where flat out it is wherever the queue sits.
+#
+# On the memory store it also measures POST /api/v1/calls at 32 connections with
+# examples/api_load, flat out and at CREATE_RATE creates a second: per request, the time the
+# client saw minus the ARI originate time the answer reports (Server-Timing), i.e. ivr's own
+# share; p50 and p99 of each. Loopback only; every process it starts is stopped. The access log
+# is off (RUST_LOG=warn), as the baseline logs nothing either.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 DURATION=${DURATION:-10s}
-REPEAT=${REPEAT:-1}   # pairs of runs per row; each side's best counts (a shared machine is noisy)
+REPEAT=${REPEAT:-1}   # rounds of runs per row; each side's best counts (a shared machine is noisy)
 SEED_ENDED=${SEED_ENDED:-2000}
 SEED_LIVE=${SEED_LIVE:-200}
 CONNECTIONS=${CONNECTIONS:-"32 128"}
@@ -70,6 +74,8 @@ paced() { # url prefix rate [token]
   IVR_LOAD_TOKEN=${4:-} "$bin/examples/api_load" --url "$1" --prefix "$2" --rate "$3" --get "$work/ended.ids" --connections 32 \
     --seconds "${DURATION%s}" | tail -n1 | sed 's/total_p50_ms=\([^ ]*\) total_p99_ms=\([^ ]*\).*/\1 \2/'
 }
+ratio_of() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }'; }   # a / b, 0 when b is 0
+at_least() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a >= b) }'; }   # succeeds when a >= b
 median_run() { # "p50 p99"... → the run with the median p99
   printf '%s\n' "$@" | sort -k2 -g | awk '{ runs[NR] = $0 } END { print runs[int((NR + 1) / 2)] }'
 }
@@ -160,7 +166,8 @@ for store in $STORES; do
     fi
     paced_base=""
     for c in $CONNECTIONS; do
-      # REPEAT pairs (baseline, ivr), interleaved; each side's best run (by req/s) counts.
+      # REPEAT rounds (baseline, ivr, and the twin), interleaved; each side's best run (by
+      # req/s) counts.
       b_rps=0 i_rps=0 i_bad=0 t_rps=0
       for _ in $(seq "$REPEAT"); do
         read -r rps p50 p99 _ < <(run_wrk "http://127.0.0.1:$base_port" "$c" "$work/$kind.ids" /)
@@ -174,13 +181,13 @@ for store in $STORES; do
         fi
       done
       rss=$(awk '/VmHWM/ {printf "%.0f MB", $2 / 1024}' "/proc/$ivr_pid/status")
-      ratio=$(awk -v a="$i_rps" -v b="$b_rps" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-      p99r=$(awk -v a="$i_p99" -v b="$b_p99" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+      ratio=$(ratio_of "$i_rps" "$b_rps")
+      p99r=$(ratio_of "$i_p99" "$b_p99")
       twinr=–
       if [ "$twin" = 1 ]; then
         twin_rows=$((twin_rows + 1))
-        twinr=$(awk -v a="$t_p99" -v b="$b_p99" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
-        awk -v r="$twinr" 'BEGIN { exit !(r <= 1.5) }' && twin_met=$((twin_met + 1))
+        twinr=$(ratio_of "$t_p99" "$b_p99")
+        at_least 1.5 "$twinr" && twin_met=$((twin_met + 1))
       fi
       flag=""
       [ "$i_bad" -gt 0 ] && flag=" ($i_bad non-2xx or socket errors!)"
@@ -191,8 +198,8 @@ for store in $STORES; do
       # The issue's goals per row: req/s at least 0.8x (ended) or 0.5x (live), p99 at most 1.5x.
       goal=$([ "$kind" = ended ] && echo 0.8 || echo 0.5)
       rows_total=$((rows_total + 1))
-      awk -v r="$ratio" -v g="$goal" 'BEGIN { exit !(r >= g) }' && rps_met=$((rps_met + 1))
-      awk -v r="$p99r" 'BEGIN { exit !(r <= 1.5) }' && p99_met=$((p99_met + 1))
+      at_least "$ratio" "$goal" && rps_met=$((rps_met + 1))
+      at_least 1.5 "$p99r" && p99_met=$((p99_met + 1))
     done
     if [ "$kind" = ended ]; then
       # Paced: both servers offered the same load (examples/api_load --rate), REPEAT runs each,
@@ -207,7 +214,7 @@ for store in $STORES; do
         done
         read -r b_p50 b_p99 < <(median_run "${b_runs[@]}")
         read -r i_p50 i_p99 < <(median_run "${i_runs[@]}")
-        p99r=$(awk -v a="$i_p99" -v b="$b_p99" 'BEGIN { printf "%.2f", (b > 0 ? a / b : 0) }')
+        p99r=$(ratio_of "$i_p99" "$b_p99")
         paced_rows+=("| $store | ended | 32 | $rate | $b_p50 ms | $i_p50 ms | $b_p99 ms | $i_p99 ms | $p99r |")
       done
     fi

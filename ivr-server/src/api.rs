@@ -21,6 +21,7 @@ use crate::fields::{IdempotencyKey, PhoneText};
 use crate::problem::Problem;
 use crate::request::{CallBody, CallOptions, ListQuery, TokenForm};
 use crate::router::{self, Miss, Route};
+use crate::users::UserStore;
 use crate::view::{CallView, CreatedView, DeliveriesView, HealthView, ListView, ReadyView};
 use crate::{metrics, openapi, sse, AppState};
 
@@ -131,25 +132,16 @@ fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
 /// is remembered until its `exp`, and a user found enabled for USER_CACHE_SECONDS (cache.rs).
 async fn authenticate(state: &AppState, parts: &Parts) -> Result<(), Problem> {
     let sub = caller(state, crate::auth::bearer(&parts.headers)?)?;
-    if let Some(users) = state.users() {
-        if user_is_fresh(state, &sub) {
-            return Ok(());
-        }
-        let asked = tokio::time::Instant::now();
-        // Boxed: asked at most once per USER_CACHE_SECONDS, and a query's future is large.
-        match Box::pin(users.is_enabled(&sub)).await {
-            Ok(true) => state.enabled_users().enabled_at(&sub, asked),
-            Ok(false) => {
-                state.enabled_users().forget(&sub);
-                return Err(crate::auth::TokenError::UnknownUser.into());
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "user store unavailable");
-                return Err(Problem::new("store-unavailable", "the user store could not be reached"));
-            }
-        }
+    let Some(users) = state.users() else { return Ok(()) };
+    if user_is_fresh(state, &sub) {
+        return Ok(());
     }
-    Ok(())
+    // Boxed: asked only when the user is stale in the cache, and a query's future is large.
+    match Box::pin(ask_users_table(state, users, &sub)).await {
+        Some(true) => Ok(()),
+        Some(false) => Err(crate::auth::TokenError::UnknownUser.into()),
+        None => Err(Problem::new("store-unavailable", "the user store could not be reached")),
+    }
 }
 
 /// Whether `sub` is fresh in the user cache, so that a request may be answered without asking
@@ -162,16 +154,33 @@ fn user_is_fresh(state: &AppState, sub: &Arc<str>) -> bool {
         Checked::FreshAskAgain => {
             let (state, sub) = (state.clone(), Arc::clone(sub));
             tokio::spawn(async move {
-                let Some(users) = state.users() else { return };
-                let asked = tokio::time::Instant::now();
-                match users.is_enabled(&sub).await {
-                    Ok(true) => state.enabled_users().enabled_at(&sub, asked),
-                    Ok(false) => state.enabled_users().forget(&sub),
-                    // The entry lapses at its bound, and the next request asks in the open.
-                    Err(e) => tracing::warn!(error = %e, "user store unavailable"),
+                // Unanswered, the entry lapses at its bound, and the next request asks in the open.
+                if let Some(users) = state.users() {
+                    ask_users_table(&state, users, &sub).await;
                 }
             });
             true
+        }
+    }
+}
+
+/// Asks the users table whether `sub` exists and is enabled, and keeps the answer in the user
+/// cache: a yes counted from when the query started, a no by forgetting the user. `None`: the
+/// table could not be reached (logged here).
+async fn ask_users_table(state: &AppState, users: &UserStore, sub: &str) -> Option<bool> {
+    let asked = tokio::time::Instant::now();
+    match users.is_enabled(sub).await {
+        Ok(true) => {
+            state.enabled_users().enabled_at(sub, asked);
+            Some(true)
+        }
+        Ok(false) => {
+            state.enabled_users().forget(sub);
+            Some(false)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "user store unavailable");
+            None
         }
     }
 }

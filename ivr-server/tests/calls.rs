@@ -171,9 +171,12 @@ async fn cancel_a_ringing_call() {
     fake.shutdown().await;
 }
 
-/// An ended call's answer is kept and served from memory (`api::answer_at_once`), but only to a
-/// caller the full path would let in: the same answer each time, a 401 without a valid token,
-/// and, with USER_CACHE_SECONDS=0, a 401 as soon as the user is disabled.
+/// An ended call's answer is kept (cache.rs), the same on every read and on both paths, and
+/// memory's at-once path (`api::answer_at_once`) lets in no caller the full path would refuse:
+/// a 401 without a valid token, and, with USER_CACHE_SECONDS=0, a 401 as soon as the user is
+/// disabled (an at-once path that skipped the user check would answer 200). That the at-once
+/// answer is the full path's, with the cache on, is checked by the last read of
+/// `a_whole_call_from_post_to_completed`.
 #[tokio::test]
 async fn a_kept_answer_is_served_only_to_whom_the_full_path_would_serve_it() {
     let (server, _fake) = start(0.05, &[("USER_CACHE_SECONDS", "0")]).await;
