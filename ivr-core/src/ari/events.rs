@@ -118,6 +118,15 @@ pub enum AriEvent {
     },
 }
 
+/// The `type` of an object whose first member it is, when it is a string without escapes:
+/// `{"type":"StasisStart", …` (whitespace allowed around the tokens). `None` otherwise.
+fn leading_type(text: &str) -> Option<&str> {
+    let rest = text.trim_start().strip_prefix('{')?.trim_start().strip_prefix("\"type\"")?;
+    let rest = rest.trim_start().strip_prefix(':')?.trim_start().strip_prefix('"')?;
+    let end = rest.find(['"', '\\'])?;
+    (rest.as_bytes()[end] == b'"').then(|| &rest[..end])
+}
+
 /// An event's `type`, borrowed from the text unless escaped.
 #[derive(Deserialize)]
 struct Kind<'a> {
@@ -215,16 +224,21 @@ impl AriEvent {
         if !text.trim_start().starts_with('{') {
             return Err(not_an_event());
         }
-        // The type first, skimming the rest; then the event straight from the text. (Through a
-        // `serde_json::Value` every key and string was an allocation, and the event's decoding
-        // took twice as long: benches/event_ingest.rs.)
-        let Kind { kind } = serde_json::from_str(text)?;
-        let kind = kind.ok_or_else(not_an_event)?;
+        // The type first, then the event straight from the text. (Through a `serde_json::Value`
+        // every key and string was an allocation, and the event's decoding took twice as long:
+        // benches/event_ingest.rs.) Asterisk writes `type` first, where it is read off the text;
+        // elsewhere a skim of the whole object finds it.
+        let kind = match leading_type(text) {
+            Some(kind) => Cow::Borrowed(kind),
+            None => serde_json::from_str::<Kind>(text)?.kind.ok_or_else(not_an_event)?,
+        };
         if TYPED.contains(&&*kind) {
-            // The skim has read the whole text (trailing text is already refused).
             let mut fields = serde_json::Deserializer::from_str(text);
             match AriEvent::deserialize(ByType { kind: &kind, fields: &mut fields }) {
-                Ok(event) => return Ok(event),
+                // Trailing text after the object is refused, as for any other event.
+                Ok(event) => return fields.end().map(|()| event),
+                // Not JSON at all (the skim used to find that first).
+                Err(e) if !e.is_data() => return Err(e),
                 Err(e) => {
                     tracing::warn!(event = %kind, error = %e, "ARI event with an unexpected shape; passed on as unknown")
                 }
@@ -355,6 +369,34 @@ mod tests {
         assert!(matches!(&event, AriEvent::PlaybackFinished { playback, .. } if playback.state == "done"), "{event:?}");
         assert_eq!(event.channel_id(), Some("95f6ad3c"));
         assert!(AriEvent::parse(&format!("{last} {{}}")).is_err());
+    }
+
+    /// A leading `type` is read off the text (compact or pretty); the event is the one the
+    /// skim of the whole object gives, and trailing text is refused either way. An escaped one
+    /// is left to the skim, which unescapes it.
+    #[test]
+    fn a_leading_type_decodes_as_one_found_by_the_skim() {
+        let body = r#""timestamp": "2026-11-24T12:01:12.895+0000", "cause": 16, "channel": {"id": "1764", "name": "PJSIP/trunk-00000001", "state": "Up"}"#;
+        let first = format!(r#"{{"type":"ChannelDestroyed", {body}}}"#);
+        let pretty = format!("{{\n  \"type\" : \"ChannelDestroyed\",\n  {body}\n}}");
+        let last = format!(r#"{{{body}, "type": "ChannelDestroyed"}}"#);
+        let escaped = format!(r#"{{"type": "Channel\u0044estroyed", {body}}}"#);
+        assert_eq!(leading_type(&first), Some("ChannelDestroyed"));
+        assert_eq!(leading_type(&pretty), Some("ChannelDestroyed"));
+        assert_eq!(leading_type(&last), None);
+        assert_eq!(leading_type(&escaped), None);
+        let skimmed = AriEvent::parse(&last).unwrap();
+        assert!(matches!(skimmed, AriEvent::ChannelDestroyed { cause: 16, .. }), "{skimmed:?}");
+        for text in [&first, &pretty, &escaped] {
+            assert_eq!(AriEvent::parse(text).unwrap(), skimmed, "{text}");
+            assert!(AriEvent::parse(&format!("{text} {{}}")).is_err(), "{text} with trailing text");
+        }
+        // Not typed here: passed on whole, read off the text or skimmed alike.
+        let other = r#"{"type":"BridgeCreated","bridge":{"id":"b1"}}"#;
+        assert!(matches!(AriEvent::parse(other).unwrap(), AriEvent::Unknown { kind, .. } if kind == "BridgeCreated"));
+        assert!(AriEvent::parse(&format!("{other} x")).is_err());
+        // An unterminated type is not an event.
+        assert!(AriEvent::parse(r#"{"type":"StasisStart"#).is_err());
     }
 
     #[test]

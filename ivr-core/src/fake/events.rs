@@ -165,11 +165,15 @@ impl Event {
         ev
     }
 
-    /// The JSON text delivered to `app`.
+    /// The JSON text delivered to `app`, `type` first as Asterisk writes it (the recordings; a
+    /// `Map` sorts its keys, which would put it last).
     pub fn render(&self, app: &str) -> String {
         let mut body = self.body.clone();
         body.insert("application".into(), app.into());
-        Value::Object(body).to_string()
+        let Some(kind) = body.remove("type") else { return Value::Object(body).to_string() };
+        let rest = Value::Object(body).to_string();
+        // `rest` is `{…}` with at least `application` inside.
+        format!("{{\"type\":{kind},{}", &rest[1..])
     }
 }
 
@@ -207,4 +211,22 @@ pub(crate) fn rtp_qos_vars() -> [(&'static str, String); 5] {
                 .into(),
         ),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// As in the recordings, `type` leads (ivr reads it off the text there and skims for it
+    /// elsewhere); the rest of the members are all there, `application` included.
+    #[test]
+    fn an_event_is_written_type_first() {
+        let text = Event::new("StasisStart", json!({"args": [], "replace_channel": null})).render("ivr");
+        assert!(text.starts_with(r#"{"type":"StasisStart","#), "{text}");
+        let value: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(value["type"], "StasisStart");
+        assert_eq!(value["application"], "ivr");
+        assert_eq!(value["asterisk_id"], ASTERISK_ID);
+        assert!(value["timestamp"].is_string() && value["args"].is_array());
+    }
 }
