@@ -88,8 +88,9 @@ median() { # the middle value as given, or the mean of the middle two
   printf '%s\n' "$@" | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : sprintf("%.2f", (v[NR / 2] + v[NR / 2 + 1]) / 2)) }'
 }
 over_goal() { printf '%s\n' "$@" | awk '$1 > 1.5 { n++ } END { print n + 0 }'; }   # how many ratios exceed 1.5
-median_run() { # "p50 p99"... → the run with the median p99
-  printf '%s\n' "$@" | sort -k2 -g | awk '{ runs[NR] = $0 } END { print runs[int((NR + 1) / 2)] }'
+median_run() { # sort-key run... → the run whose number at sort-key (sort -k) is the median
+  local key=$1; shift
+  printf '%s\n' "$@" | sort -k"$key" -g | awk '{ runs[NR] = $0 } END { print runs[int((NR + 1) / 2)] }'
 }
 run_wrk() { # url conns ids_file prefix
   IDS_FILE=$3 PATH_PREFIX=$4 TOKEN=${TOKEN:-} wrk -t1 -c"$2" -d"$DURATION" --latency -s scripts/status-get.lua "$1" \
@@ -120,6 +121,8 @@ start_fake() {
               MAX_CONNECTIONS_PER_CLIENT=1024  # wrk is one client: its 128 connections must all be served
               WORKER_THREADS="$SERVER_THREADS")
 }
+# A token for the memory store, which has no users table to log in against.
+memory_token() { env "${env_common[@]}" "${env_store[@]}" "$bin/ivr-server" token --sub bench 2>/dev/null; }
 # Starts ivr-server (env_common, env_store) and waits until it answers (ivr_pid).
 start_ivr() {
   env "${env_common[@]}" "${env_store[@]}" "$bin/ivr-server" > "$work/ivr-$store.log" 2>&1 &
@@ -139,7 +142,7 @@ for store in $STORES; do
       env_store=(DATABASE_URL="${DATABASE_URL_PG%/*}/$schema_db") ;;
   esac
   if [ "$store" = memory ]; then
-    TOKEN=$(env "${env_common[@]}" "${env_store[@]}" "$bin/ivr-server" token --sub bench 2>/dev/null)
+    TOKEN=$(memory_token)
   else
     echo "bench-password" | env "${env_common[@]}" "${env_store[@]}" BCRYPT_COST=4 "$bin/ivr-server" user add bench >/dev/null 2>&1
   fi
@@ -245,8 +248,8 @@ for store in $STORES; do
           b_runs+=("$(paced "http://127.0.0.1:$base_port" / "$rate")")
           i_runs+=("$(paced "http://127.0.0.1:$port" /api/v1/status/ "$rate" "$TOKEN")")
         done
-        read -r b_p50 b_p99 < <(median_run "${b_runs[@]}")
-        read -r i_p50 i_p99 < <(median_run "${i_runs[@]}")
+        read -r b_p50 b_p99 < <(median_run 2 "${b_runs[@]}")   # runs are "p50 p99"
+        read -r i_p50 i_p99 < <(median_run 2 "${i_runs[@]}")
         p99r=$(ratio_of "$i_p99" "$b_p99")
         paced_rows+=("| $store | ended | 32 | $rate | $b_p50 ms | $i_p50 ms | $b_p99 ms | $i_p99 ms | $p99r |")
       done
@@ -272,13 +275,14 @@ for store in $STORES; do
     # (its Server-Timing header) from what the client saw. Paced first: a flat-out run leaves
     # thousands of calls ending over the next second, which the paced run would share the
     # machine with. On a fresh server beside a fake at time scale 1, whatever TIME_SCALE the
-    # rows needed: calls that talk twice as long (TIME_SCALE=2) made ivr's share at 1,000/s
-    # 2-4 ms at p99 instead of about 1 ms here. A first paced run, not counted, warms the fresh
+    # rows needed, so that its calls last 1 s as in earlier sessions' figures (three runs at
+    # TIME_SCALE=2 gave 2.1-3.9 ms at p99 against 1.0-1.07 just before at 1, though the same
+    # run at 1 later spread over 0.9-4.2 ms). A first paced run, not counted, warms the fresh
     # server up as the seeding warmed the first.
     kill "$ivr_pid" "$fake_pid" 2>/dev/null || true
     wait "$ivr_pid" "$fake_pid" 2>/dev/null || true
     start_fake 1
-    TOKEN=$(env "${env_common[@]}" "${env_store[@]}" "$bin/ivr-server" token --sub bench 2>/dev/null)
+    TOKEN=$(memory_token)
     start_ivr
     IVR_LOAD_TOKEN=$TOKEN "$bin/examples/api_load" --url "http://127.0.0.1:$port" --connections 32 --seconds 2 \
       --rate "$CREATE_RATE" >/dev/null
@@ -299,7 +303,7 @@ for store in $STORES; do
       sleep 1
     done
     shares=$(printf '%s\n' "${runs[@]}" | sed 's/^own_p99_ms=\([^ ]*\).*/\1/' | sort -g | tr '\n' ' ')
-    middle=$(printf '%s\n' "${runs[@]}" | sort -t= -k2 -g | awk '{ r[NR] = $0 } END { print r[int((NR + 1) / 2)] }')
+    middle=$(median_run 1.12 "${runs[@]}")   # runs are "own_p99_ms=… …": its number from character 12
     create+=("$middle offered=$CREATE_RATE/s (the median of $REPEAT runs; ivr's share at p99 in each: ${shares% } ms)")
     echo "$store: POST /api/v1/calls at 32 connections" >&2
     create+=("$(create_once)")

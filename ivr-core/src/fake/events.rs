@@ -130,11 +130,14 @@ impl Channel {
     }
 }
 
-/// An event before delivery: its JSON (without `application`, which depends on the receiving
-/// app), the channel it concerns (for subscriptions) and whether only `subscribeAll` apps see it
+/// An event before delivery: its type and other members (without `application`, which depends
+/// on the receiving app), the channel it concerns (for subscriptions) and whether only `subscribeAll` apps see it
 /// (events Asterisk publishes before the originate subscribes the app to the new channels).
 #[derive(Debug, Clone)]
 pub(crate) struct Event {
+    /// `type`, written first (as Asterisk does).
+    pub kind: String,
+    /// The other members but `application`, which is written last.
     pub body: Map<String, Value>,
     pub channel: Option<String>,
     pub subscribe_all_only: bool,
@@ -148,13 +151,12 @@ impl Event {
     /// `{"type": kind, "timestamp": now, ...fields}`.
     pub fn new(kind: &str, fields: Value) -> Event {
         let mut body = Map::new();
-        body.insert("type".into(), kind.into());
         body.insert("timestamp".into(), now_timestamp().into());
         if let Value::Object(fields) = fields {
             body.extend(fields);
         }
         body.insert("asterisk_id".into(), ASTERISK_ID.into());
-        Event { body, channel: None, subscribe_all_only: false, only_app: None }
+        Event { kind: kind.to_owned(), body, channel: None, subscribe_all_only: false, only_app: None }
     }
 
     /// A channel event: `fields` plus the channel snapshot under `channel`.
@@ -165,15 +167,15 @@ impl Event {
         ev
     }
 
-    /// The JSON text delivered to `app`, `type` first as Asterisk writes it (the recordings; a
-    /// `Map` sorts its keys, which would put it last).
+    /// The JSON text delivered to `app`: `type` first and `application` last, as Asterisk
+    /// writes them (the recordings; in a `Map` they would sit where their names sort).
     pub fn render(&self, app: &str) -> String {
-        let mut body = self.body.clone();
-        body.insert("application".into(), app.into());
-        let Some(kind) = body.remove("type") else { return Value::Object(body).to_string() };
-        let rest = Value::Object(body).to_string();
-        // `rest` is `{…}` with at least `application` inside.
-        format!("{{\"type\":{kind},{}", &rest[1..])
+        let (kind, app) = (Value::from(self.kind.as_str()), Value::from(app));
+        // A map with string keys always serializes; `{…}`, of which the members are spliced in.
+        let body = serde_json::to_string(&self.body).unwrap_or_default();
+        let members = body.get(1..body.len().saturating_sub(1)).unwrap_or_default();
+        let comma = if members.is_empty() { "" } else { "," };
+        format!("{{\"type\":{kind}{comma}{members},\"application\":{app}}}")
     }
 }
 
