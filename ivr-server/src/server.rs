@@ -12,7 +12,7 @@
 //!   answered 431 by hyper (no body) and the connection closed;
 //! - a request's head must arrive within `header_read_timeout` of the server starting to wait
 //!   for it, on a fresh connection and between requests on a kept-alive one alike: a connection
-//!   that sends nothing, or sends its head too slowly, is closed then;
+//!   that sends nothing, or sends its head too slowly, is closed then ([`conn::HeadWait`]);
 //! - at most `max_connections` are served at once, and at most `per_client` from one client
 //!   address (an IPv6 /64; the peer, as connections carry no `X-Forwarded-For`; peers in
 //!   TRUSTED_PROXIES are exempt), so one host's flood cannot take every slot. One more is
@@ -49,7 +49,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::body::Body;
 use crate::client::{address_key, TrustedProxies};
-use crate::conn::{self, Guarded};
+use crate::conn::{self, Guarded, HeadWait};
 use crate::problem::Problem;
 use crate::AppState;
 
@@ -168,10 +168,11 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
     let limits = state.options().connections.clone();
     let slots = Slots::new(&limits, state.options().trusted_proxies.clone());
     let refusals = Arc::new(Semaphore::new(REFUSING_AT_ONCE));
+    // The header-read timeout is kept per connection (conn::HeadWait), not by hyper's timer.
     let mut builder = http1::Builder::new();
-    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout).max_header_size(MAX_HEADER_BYTES);
+    builder.header_read_timeout(None).max_header_size(MAX_HEADER_BYTES);
     let mut refusing = builder.clone();
-    refusing.keep_alive(false).header_read_timeout(REFUSAL_TIMEOUT);
+    refusing.keep_alive(false).timer(TokioTimer::new()).header_read_timeout(REFUSAL_TIMEOUT);
     // Connections accepted that have not sent their first request yet.
     let awaiting_first = Arc::new(AtomicUsize::new(0));
     let mut stopping = false;
@@ -218,19 +219,29 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         let state = state.clone();
         let open = state.guard_metrics().connections_open.clone();
         let first = FirstRequest::new(&awaiting_first);
+        let wait = HeadWait::new();
         let service = service_fn({
-            let first = first.clone();
+            let (first, wait) = (first.clone(), Arc::clone(&wait));
             move |request: Request<Incoming>| {
                 first.arrived();
-                respond(&state, peer.ip(), request)
+                wait.head_arrived();
+                let wait = Arc::clone(&wait);
+                respond(&state, peer.ip(), request).map(move |answer| answer.map(|r| r.map(|body| wait.track(body))))
             }
         });
         let (io, returned) = Guarded::new(stream);
         let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
         open.inc();
+        let header_read_timeout = limits.header_read_timeout;
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "connection ended with an error");
+            tokio::select! {
+                biased;
+                ended = connection => if let Err(e) = ended {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                },
+                () = wait.expired(header_read_timeout) => {
+                    tracing::debug!("no request head within HEADER_READ_TIMEOUT_SECONDS; connection closed");
+                }
             }
             first.arrived();
             conn::linger(returned).await;

@@ -205,6 +205,46 @@ async fn silent_and_idle_connections_are_closed() {
     server.shutdown().await;
 }
 
+/// The header-read timeout runs from the end of each answer: a connection used more often
+/// than that stays open however long it lives, and one answering an event stream is not
+/// waiting for a head however quiet the stream is.
+#[tokio::test(start_paused = true)]
+async fn connections_in_use_outlast_the_header_timeout() {
+    let server = TestServer::start(&[("HEADER_READ_TIMEOUT_SECONDS", "2")], Db::Disabled, Ari::Down).await;
+    let token = server.mint("dev");
+    // A call that stays pending (no event loop runs): its event stream stays open and quiet
+    // (a keep-alive comment only every 15 s).
+    let call = ivr_core::Call::new(
+        ivr_core::CallId::new(),
+        ivr_core::store::conformance::new_call("+15550000001"),
+        ivr_core::call::now(),
+    );
+    within("insert", server.state.manager().store().insert(&call)).await.unwrap();
+    let mut stream = connect(&server).await;
+    let request = format!(
+        "GET /api/v1/calls/{}/events HTTP/1.1\r\nhost: x\r\nauthorization: Bearer {token}\r\n\r\n",
+        call.call_id
+    );
+    within("write", stream.write_all(request.as_bytes())).await.expect("write");
+    let mut buf = [0u8; 4096];
+    let n = within("first event", stream.read(&mut buf)).await.expect("read");
+    let first = String::from_utf8_lossy(&buf[..n]);
+    assert!(first.starts_with("HTTP/1.1 200") && first.contains("\"status\":\"pending\""), "{first}");
+
+    // A kept-alive connection asked again every 1.5 s, for 9 s in all.
+    let mut busy = connect(&server).await;
+    for _ in 0..6 {
+        within("write", busy.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n")).await.expect("write");
+        let answer = read_response(&mut busy).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert!(!closed_within(&mut busy, Duration::from_millis(1500)).await, "closed while in use");
+    }
+    // Then left idle, it is closed after the timeout, while the event stream, 9 s quiet, is not.
+    assert!(closed_within(&mut busy, Duration::from_secs(1)).await, "still open after the idle timeout");
+    assert!(!closed_within(&mut stream, Duration::from_millis(100)).await, "the event stream was closed");
+    server.shutdown().await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_slow_header_client_is_closed() {
     let server = TestServer::start(&[], Db::Disabled, Ari::Down).await;
