@@ -29,7 +29,8 @@ use crate::{metrics, openapi, sse, AppState};
 /// metrics along with the response.
 pub async fn handle(state: &AppState, peer: IpAddr, request: Request<Incoming>) -> (&'static str, Response<Body>) {
     let route = match router::route(request.method(), request.uri().path()) {
-        Ok(route) => route,
+        // Owned: the handler takes the request.
+        Ok(route) => route.into_owned(),
         Err(Miss::NotFound) => {
             return ("unmatched", Problem::not_found("no such route; see /docs for the API").into_response())
         }
@@ -72,7 +73,7 @@ pub fn answer_at_once(state: &AppState, request: &Request<Incoming>) -> Option<(
 
 async fn answer(
     state: &AppState,
-    route: Route,
+    route: Route<'static>,
     request: Request<Incoming>,
     peer: IpAddr,
 ) -> Result<Response<Body>, Problem> {

@@ -103,7 +103,7 @@ proptest! {
             _ => None,
         };
         if template.contains('{') {
-            prop_assert_eq!(got, Some(param));
+            prop_assert_eq!(got.as_deref(), Some(param.as_str()));
         }
     }
 
