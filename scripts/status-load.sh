@@ -4,6 +4,8 @@
 #   scripts/status-load.sh                 # memory and SQLite; PostgreSQL too with DATABASE_URL_PG
 #   DATABASE_URL_PG=postgres://postgres@127.0.0.1:5432/test scripts/status-load.sh
 #
+#   STATUS_PATH=/api/v1/calls/ scripts/status-load.sh   # GET /api/v1/calls/{id} instead
+#
 # For each store it starts the fake Asterisk and ivr-server (release builds), seeds calls
 # through the API (SEED_ENDED that end at once, SEED_LIVE that stay up), measures the size of
 # one status answer, starts examples/baseline_http with a body of that size, and drives both
@@ -50,6 +52,12 @@ PACED_SHARES=${PACED_SHARES:-"25 50"}
 SERVER_THREADS=${SERVER_THREADS:-$(n=$(nproc); echo $((n > 1 ? n - 1 : 1)))}
 TWIN=${TWIN:-1}   # measure a second copy of the baseline too (the p99 ratio's noise floor)
 STORES=${STORES:-"memory sqlite${DATABASE_URL_PG:+ postgres}"}
+# The GET measured: /api/v1/status/{id} or /api/v1/calls/{id} (the same call, one handler).
+STATUS_PATH=${STATUS_PATH:-/api/v1/status/}
+case $STATUS_PATH in
+  /api/v1/status/ | /api/v1/calls/) ;;
+  *) echo "STATUS_PATH must be /api/v1/status/ or /api/v1/calls/, not $STATUS_PATH" >&2; exit 2 ;;
+esac
 # The live calls (+15550000007) play demo-congrats once answered, 30 s at the fake's time scale
 # 1, and then end (without audio they would run the recorded ivr-menu dialplan, which hangs up
 # 3.4 s after the answer). The fake runs slower, in whole steps, until they outlast the live
@@ -103,7 +111,7 @@ rows_total=0 rps_met=0 p99_met=0 twin_met=0 rounds_total=0 rounds_over=0 twin_ro
 create=()
 paced_rows=()
 echo
-echo "both servers on $SERVER_THREADS worker thread(s) of $(nproc) cores; wrk -t1; $DURATION a run, $REPEAT rounds a row, medians"
+echo "GET ${STATUS_PATH}{id}; both servers on $SERVER_THREADS worker thread(s) of $(nproc) cores; wrk -t1; $DURATION a run, $REPEAT rounds a row, medians"
 echo "| store | calls | conns | baseline req/s | ivr req/s | ratio | baseline p99 | ivr p99 | p99 ratio | rounds > 1.5x | twin's p99 ratio | twin's rounds > 1.5x | ivr p50 | peak RSS |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 # Starts the fake Asterisk at time scale $1 and sets env_common for an ivr-server beside it
@@ -202,7 +210,7 @@ for store in $STORES; do
         [ $((round % 2)) = 0 ] && sides="twin ivr"
         for side in $sides; do
           if [ "$side" = ivr ]; then
-            read -r rps p50 p99 bad < <(run_wrk "http://127.0.0.1:$port" "$c" "$work/$kind.ids" /api/v1/status/)
+            read -r rps p50 p99 bad < <(run_wrk "http://127.0.0.1:$port" "$c" "$work/$kind.ids" "$STATUS_PATH")
             i_rps+=("$rps") i_p50+=("$p50") i_p99+=("$p99") i_bad=$((i_bad + bad))
             rps_r+=("$(ratio_of "$rps" "${b_rps[-1]}")") p99_r+=("$(ratio_of "$p99" "${b_p99[-1]}")")
           elif [ "$TWIN" = 1 ]; then
@@ -246,7 +254,7 @@ for store in $STORES; do
         b_runs=() i_runs=()
         for _ in $(seq "$REPEAT"); do
           b_runs+=("$(paced "http://127.0.0.1:$base_port" / "$rate")")
-          i_runs+=("$(paced "http://127.0.0.1:$port" /api/v1/status/ "$rate" "$TOKEN")")
+          i_runs+=("$(paced "http://127.0.0.1:$port" "$STATUS_PATH" "$rate" "$TOKEN")")
         done
         read -r b_p50 b_p99 < <(median_run 2 "${b_runs[@]}")   # runs are "p50 p99"
         read -r i_p50 i_p99 < <(median_run 2 "${i_runs[@]}")
