@@ -12,8 +12,9 @@ use super::model::{Channel, Playback};
 /// One event from `/ari/events`.
 ///
 /// On the wire the variant is the object's `type` member. The derive reads it as an externally
-/// tagged enum: [`AriEvent::parse`] names the variant from the skimmed `type` and hands over
-/// the whole object as its fields (see `ByType`). An internally tagged derive would buffer
+/// tagged enum: [`AriEvent::parse`] names the variant from the `type` (read off the text where
+/// it leads, as Asterisk writes it; else skimmed from the object) and hands over the whole
+/// object as its fields (see `ByType`). An internally tagged derive would buffer
 /// every event into serde's `Content` tree first, which was a third of an event's decoding.
 #[derive(Clone, Debug, PartialEq, Deserialize)]
 #[non_exhaustive]
