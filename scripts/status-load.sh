@@ -105,7 +105,6 @@ run_wrk() { # url conns ids_file prefix
     | wrk_summary
 }
 
-rows=()
 summary=()
 rows_total=0 rps_met=0 p99_met=0 twin_met=0 rounds_total=0 rounds_over=0 twin_rounds_over=0
 create=()
@@ -266,8 +265,8 @@ for store in $STORES; do
     if [ "$kind" = live ]; then
       status_of "$(tail -n1 "$work/live.ids")" | grep -q '"is_active":true' \
         || echo "WARNING: $store: the live calls ended during their rows (TIME_SCALE=$TIME_SCALE is too small)" >&2
-      # Hang the live calls up and wait until they have ended. Left to end by themselves, 60 s
-      # after their answer, they would end during the ended calls' rows: ivr would answer
+      # Hang the live calls up and wait until they have ended. Left to end by themselves, 30 ×
+      # TIME_SCALE s after their answer, they would end during the ended calls' rows: ivr would answer
       # those while following 200 hangups and writing them to its store, which the baseline
       # never does (that made ivr's p99 2.7-4.3x in the first ended row on SQLite and
       # PostgreSQL).

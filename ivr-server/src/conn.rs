@@ -19,7 +19,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -126,28 +126,52 @@ impl AsyncWrite for Guarded {
 /// head as it arrives ([`HeadWait::head_arrived`]); each answer's body, wrapped by
 /// [`HeadWait::track`], marks when it ended. The connection waits for a head when as many
 /// answers ended as heads arrived.
+///
+/// It is also counted in the server's number of connections still waiting for their first
+/// head (which a shutdown gives a moment to arrive), until that head arrives or
+/// [`HeadWait::ended`].
 pub struct HeadWait {
     opened: Instant,
     heads: AtomicU64,
     answered: AtomicU64,
     /// When the last answer ended, in nanoseconds since `opened`.
     last_answer: AtomicU64,
+    awaiting_first: Arc<AtomicUsize>,
+    /// Whether this connection is still in `awaiting_first`.
+    counted: AtomicBool,
 }
 
 impl HeadWait {
-    /// A connection opened now, waiting for its first head.
-    pub fn new() -> Arc<Self> {
+    /// A connection opened now, waiting for its first head, and counted in `awaiting_first`
+    /// until it arrives.
+    pub fn new(awaiting_first: &Arc<AtomicUsize>) -> Arc<Self> {
+        awaiting_first.fetch_add(1, Ordering::SeqCst);
         Arc::new(HeadWait {
             opened: Instant::now(),
             heads: AtomicU64::new(0),
             answered: AtomicU64::new(0),
             last_answer: AtomicU64::new(0),
+            awaiting_first: Arc::clone(awaiting_first),
+            counted: AtomicBool::new(true),
         })
     }
 
     /// A head arrived: the wait is over until its answer ends.
     pub fn head_arrived(&self) {
-        self.heads.fetch_add(1, Ordering::Relaxed);
+        if self.heads.fetch_add(1, Ordering::Relaxed) == 0 {
+            self.uncount();
+        }
+    }
+
+    /// The connection is over: it no longer waits for a first head, if it ever did.
+    pub fn ended(&self) {
+        self.uncount();
+    }
+
+    fn uncount(&self) {
+        if self.counted.swap(false, Ordering::SeqCst) {
+            self.awaiting_first.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 
     /// The answer to the head that arrived last, whose end starts the wait for the next.

@@ -30,7 +30,7 @@ use std::convert::Infallible;
 use std::future::{ready, Future};
 use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -62,28 +62,6 @@ pub const REFUSAL_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// At shutdown, how long connections accepted but not yet sent a request are waited for.
 pub const FIRST_REQUEST_WAIT: Duration = Duration::from_secs(1);
-
-/// Whether a connection's first request has arrived, counted in the server's number of
-/// connections still waiting for theirs.
-#[derive(Clone)]
-struct FirstRequest {
-    arrived: Arc<AtomicBool>,
-    waiting: Arc<AtomicUsize>,
-}
-
-impl FirstRequest {
-    fn new(waiting: &Arc<AtomicUsize>) -> Self {
-        waiting.fetch_add(1, Ordering::SeqCst);
-        FirstRequest { arrived: Arc::new(AtomicBool::new(false)), waiting: Arc::clone(waiting) }
-    }
-
-    /// A request arrived (or the connection ended): no longer waiting. Idempotent.
-    fn arrived(&self) {
-        if !self.arrived.swap(true, Ordering::SeqCst) {
-            self.waiting.fetch_sub(1, Ordering::SeqCst);
-        }
-    }
-}
 
 /// How many connections, and how long a request's head may take (MAX_CONNECTIONS,
 /// MAX_CONNECTIONS_PER_CLIENT, HEADER_READ_TIMEOUT_SECONDS).
@@ -218,12 +196,10 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         };
         let state = state.clone();
         let open = state.guard_metrics().connections_open.clone();
-        let first = FirstRequest::new(&awaiting_first);
-        let wait = HeadWait::new();
+        let wait = HeadWait::new(&awaiting_first);
         let service = service_fn({
-            let (first, wait) = (first.clone(), Arc::clone(&wait));
+            let wait = Arc::clone(&wait);
             move |request: Request<Incoming>| {
-                first.arrived();
                 wait.head_arrived();
                 let wait = Arc::clone(&wait);
                 respond(&state, peer.ip(), request).map(move |answer| answer.map(|r| r.map(|body| wait.track(body))))
@@ -243,7 +219,7 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
                     tracing::debug!("no request head within HEADER_READ_TIMEOUT_SECONDS; connection closed");
                 }
             }
-            first.arrived();
+            wait.ended();
             conn::linger(returned).await;
             open.dec();
             drop(slot);
