@@ -50,7 +50,7 @@ pub async fn handle(state: &AppState, peer: IpAddr, request: Request<Incoming>) 
 
 /// Answers, without waiting, what memory can answer: `/healthz`, and a call's GET
 /// (`/api/v1/calls/{id}`, `/api/v1/status/{id}`) whose token is remembered as verified (and whose
-/// user was found enabled within USER_CACHE_SECONDS), when the call's answer is kept
+/// user is fresh in the user cache), when the call's answer is kept
 /// (`kept_answer`). Such an answer is exactly what [`handle`] would give; `None` for every
 /// other request, which [`handle`] then answers (a failure, too, is left to it). The server
 /// tries this first, so the status path carries no future (see `server::respond`).
@@ -130,7 +130,7 @@ fn text(content_type: &'static str, body: impl Into<Bytes>) -> Response<Body> {
 }
 
 /// Checks the bearer token, and that its user still exists and is enabled. A verified token
-/// is remembered until its `exp`, and a user found enabled for USER_CACHE_SECONDS (cache.rs).
+/// is remembered until its `exp`, and a user found enabled as the user cache says (cache.rs).
 async fn authenticate(state: &AppState, parts: &Parts) -> Result<(), Problem> {
     let sub = caller(state, crate::auth::bearer(&parts.headers)?)?;
     let Some(users) = state.users() else { return Ok(()) };
@@ -169,7 +169,7 @@ fn user_is_fresh(state: &AppState, sub: &Arc<str>) -> bool {
 /// cache: a yes counted from when the query started, a no by forgetting the user. `None`: the
 /// table could not be reached (logged here).
 async fn ask_users_table(state: &AppState, users: &UserStore, sub: &str) -> Option<bool> {
-    let asked = tokio::time::Instant::now();
+    let asked = state.enabled_users().asking();
     match users.is_enabled(sub).await {
         Ok(true) => {
             state.enabled_users().enabled_at(sub, asked);

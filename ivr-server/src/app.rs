@@ -15,7 +15,7 @@ use tokio::sync::watch;
 
 use crate::auth::Tokens;
 use crate::retention::Retention;
-use crate::settings::{DbSettings, Settings};
+use crate::settings::{DbSettings, Secret, Settings};
 use crate::users::UserStore;
 use crate::{AppState, Options};
 
@@ -93,6 +93,8 @@ pub struct App {
     pub retention: Option<Retention>,
     /// The status-callback worker (with WEBHOOK_SECRET), run beside the event loop.
     pub webhooks: Option<ivr_core::webhook::Worker>,
+    /// The database to hear the users table's changes from (PostgreSQL; `user_changes.rs`).
+    pub user_changes: Option<Secret>,
 }
 
 impl App {
@@ -101,6 +103,10 @@ impl App {
     /// another live process holds the SQLite file, or this INSTANCE_ID on PostgreSQL.
     pub async fn build(settings: &Settings) -> Result<App, StartError> {
         let mut stores = Stores::open(&settings.db).await?;
+        let user_changes = match &stores.users {
+            Some(users) if users.announces_changes() => settings.db.database_url.clone(),
+            _ => None,
+        };
         let mut instance = None;
         if let (Some(sql), Some(url)) = (&stores.sql, &settings.db.database_url) {
             let joined = Instance::join(sql, url.expose(), &settings.ari.app, &settings.instance)
@@ -109,7 +115,7 @@ impl App {
             stores.calls = Arc::new(joined.owning(sql));
             instance = Some(joined);
         }
-        Self::assemble(settings, stores, instance)
+        Ok(App { user_changes, ..Self::assemble(settings, stores, instance)? })
     }
 
     /// Builds the manager and the state on stores the caller opened (as one process alone,
@@ -156,15 +162,15 @@ impl App {
             .map_err(StartError::Metrics)?;
         let state = AppState::new(manager, stores.users.clone(), Tokens::new(&settings.auth), registry, options)
             .map_err(StartError::Metrics)?;
-        Ok(App { state, stores, call_drain: settings.call_drain, retention, webhooks })
+        Ok(App { state, stores, call_drain: settings.call_drain, retention, webhooks, user_changes: None })
     }
 
     pub fn manager(&self) -> &CallManager {
         self.state.manager()
     }
 
-    /// Serves the API on `listener`, follows the calls and runs the retention task (with
-    /// CALL_RETENTION_DAYS) until `shutdown` completes, or the ARI event loop fails; then
+    /// Serves the API on `listener`, follows the calls, runs the retention task (with
+    /// CALL_RETENTION_DAYS) and hears the users table's changes (PostgreSQL) until `shutdown` completes, or the ARI event loop fails; then
     /// drains (see [`serve`](crate::serve) and [`follow_calls`](crate::follow_calls)), stops
     /// the retention task and closes the stores.
     pub async fn run(
@@ -191,6 +197,16 @@ impl App {
             stop.send_replace(true);
         });
         let retention = self.retention.clone().map(|r| tokio::spawn(r.run(until_stopped(stopped.clone()))));
+        let user_changes = self.user_changes.as_ref().map(|url| {
+            let (hear, stop) =
+                (crate::user_changes::follow(self.state.clone(), url.expose().to_owned()), stopped.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    () = hear => {}
+                    () = until_stopped(stop) => {}
+                }
+            })
+        });
         let served = crate::serve(listener, self.state.clone(), until_stopped(stopped)).await;
         let _ = engine_stopped.await;
         if let Some(webhooks) = webhooks {
@@ -198,6 +214,9 @@ impl App {
         }
         if let Some(retention) = retention {
             let _ = retention.await;
+        }
+        if let Some(user_changes) = user_changes {
+            let _ = user_changes.await;
         }
         self.stores.close().await;
         tracing::info!("stopped");

@@ -15,7 +15,10 @@
 //! - [`UserCache`]: "this user exists and is enabled", remembered for `USER_CACHE_SECONDS`
 //!   (default 1 s), and asked again in the background by one request past half the bound. Only
 //!   a yes is remembered, counted from when its query started, so disabling or deleting a user
-//!   locks their tokens out within that bound, and a re-enabled user is let in at once.
+//!   locks their tokens out within that bound, and a re-enabled user is let in at once. On
+//!   PostgreSQL, a yes found while a `LISTEN` connection hears the table's changes
+//!   (`user_changes.rs`) is kept until a change to that user is heard, or until the connection
+//!   has not heard from the database for [`HEARD_WITHIN`], and then for the bound only.
 //! - [`TokenCache`]: a token whose signature and claims were verified, with its subject,
 //!   remembered until its `exp` (at most [`TOKEN_CACHE_ENTRIES`] tokens). The verification's
 //!   outcome cannot change before `exp`: the key, the algorithm, issuer and audience are fixed
@@ -41,6 +44,10 @@ pub const DEFAULT_STATUS_CACHE_BYTES: usize = 32 * 1024 * 1024;
 pub const DEFAULT_USER_CACHE: Duration = Duration::from_secs(1);
 /// The most verified tokens remembered, and the most users.
 pub const TOKEN_CACHE_ENTRIES: usize = 10_000;
+/// How long a `LISTEN` connection counts as hearing the users table's changes after it last
+/// heard from the database (`user_changes.rs` has it announce a heartbeat more often): a
+/// connection that died without a word stops being trusted within this bound.
+pub const HEARD_WITHIN: Duration = Duration::from_secs(5);
 
 /// The caches' bounds (settings `STATUS_CACHE_BYTES`, `USER_CACHE_SECONDS`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -177,11 +184,35 @@ impl LiveAnswers {
     }
 }
 
-/// Users found enabled, and when.
+/// Users found enabled, and when; and what this process hears of the users table's changes.
 #[derive(Debug)]
 pub struct UserCache {
     staleness: Duration,
-    enabled: Mutex<HashMap<String, Enabled>>,
+    inner: Mutex<Users>,
+}
+
+#[derive(Debug, Default)]
+struct Users {
+    enabled: HashMap<String, Enabled>,
+    hearing: Hearing,
+}
+
+/// The users table's changes as heard over `LISTEN` (PostgreSQL, `user_changes.rs`).
+#[derive(Debug, Default)]
+struct Hearing {
+    /// The `LISTEN` connection now open, numbered from 1 (0: none yet).
+    connection: u64,
+    /// When that connection last heard from the database; `None` until its first heartbeat,
+    /// and once it is lost.
+    heard: Option<Instant>,
+    /// Changes heard so far, on any connection.
+    changes: u64,
+}
+
+impl Hearing {
+    fn hearing(&self, now: Instant) -> bool {
+        self.heard.is_some_and(|heard| now.duration_since(heard) < HEARD_WITHIN)
+    }
 }
 
 #[derive(Debug)]
@@ -190,12 +221,25 @@ struct Enabled {
     checked: Instant,
     /// A caller was told to ask again ([`Checked::FreshAskAgain`]) since.
     asking: bool,
+    /// The `LISTEN` connection that was open from before that query to its answer, with no
+    /// change heard meanwhile: while it still hears, a change to this user would have been
+    /// heard, so the user is still enabled.
+    heard_on: Option<u64>,
+}
+
+/// When a question about a user was asked ([`UserCache::asking`]): its answer counts from then.
+#[derive(Debug, Clone, Copy)]
+pub struct Question {
+    at: Instant,
+    connection: u64,
+    changes: u64,
 }
 
 /// What [`UserCache::check`] knows of a user.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Checked {
-    /// Found enabled less than half the staleness bound ago.
+    /// Found enabled less than half the staleness bound ago, or since the `LISTEN`
+    /// connection that still hears the table's changes was opened, and no change to them heard.
     Fresh,
     /// Found enabled less than the bound ago, but more than half: this caller (and no other,
     /// until the answer is in) should ask the users table again without waiting for it. A
@@ -209,21 +253,25 @@ pub enum Checked {
 
 impl UserCache {
     pub fn new(staleness: Duration) -> Self {
-        UserCache { staleness, enabled: Mutex::new(HashMap::default()) }
+        UserCache { staleness, inner: Mutex::new(Users::default()) }
     }
 
-    /// Whether `username` was found enabled less than the staleness bound ago, and whether to
-    /// ask again now (see [`Checked`]). The bound holds whatever the answers' order: an entry
-    /// is served only until its own query's start plus the bound.
+    /// Whether `username` is known to be enabled, and whether to ask again now (see
+    /// [`Checked`]). The bound holds whatever the answers' order: an entry is served only
+    /// until its own query's start plus the staleness bound, or while the connection it was
+    /// heard on still hears.
     pub fn check(&self, username: &str) -> Checked {
         if self.staleness.is_zero() {
             return Checked::Stale;
         }
         let now = Instant::now();
-        let mut enabled = lock(&self.enabled);
-        let Some(entry) = enabled.get_mut(username) else { return Checked::Stale };
+        let mut users = lock(&self.inner);
+        let hearing = users.hearing.hearing(now).then_some(users.hearing.connection);
+        let Some(entry) = users.enabled.get_mut(username) else { return Checked::Stale };
         let age = now.duration_since(entry.checked);
-        if age >= self.staleness {
+        if hearing.is_some() && entry.heard_on == hearing {
+            Checked::Fresh
+        } else if age >= self.staleness {
             Checked::Stale
         } else if age >= self.staleness / 2 && !entry.asking {
             entry.asking = true;
@@ -233,25 +281,75 @@ impl UserCache {
         }
     }
 
-    /// `username` was found enabled by a query that started at `asked`.
-    pub fn enabled_at(&self, username: &str, asked: Instant) {
+    /// A question about a user is being asked now: hand it to [`enabled_at`](Self::enabled_at)
+    /// with the answer.
+    pub fn asking(&self) -> Question {
+        let users = lock(&self.inner);
+        Question { at: Instant::now(), connection: users.hearing.connection, changes: users.hearing.changes }
+    }
+
+    /// `username` was found enabled by `question`.
+    pub fn enabled_at(&self, username: &str, question: Question) {
         if self.staleness.is_zero() {
             return;
         }
-        let mut enabled = lock(&self.enabled);
-        if enabled.len() >= TOKEN_CACHE_ENTRIES && !enabled.contains_key(username) {
+        let mut users = lock(&self.inner);
+        let h = &users.hearing;
+        // Heard-fresh only if the connection was listening before the query ran and nothing
+        // changed meanwhile: a change the query's snapshot missed was heard after it began.
+        let heard_on = (h.heard.is_some() && question.connection == h.connection && question.changes == h.changes)
+            .then_some(h.connection);
+        if users.enabled.len() >= TOKEN_CACHE_ENTRIES && !users.enabled.contains_key(username) {
             let now = Instant::now();
-            enabled.retain(|_, e| now.duration_since(e.checked) < self.staleness);
-            if enabled.len() >= TOKEN_CACHE_ENTRIES {
+            users.enabled.retain(|_, e| now.duration_since(e.checked) < self.staleness);
+            if users.enabled.len() >= TOKEN_CACHE_ENTRIES {
                 return;
             }
         }
-        enabled.insert(username.to_owned(), Enabled { checked: asked, asking: false });
+        users.enabled.insert(username.to_owned(), Enabled { checked: question.at, asking: false, heard_on });
     }
 
     /// `username` was found disabled or gone: not fresh from now on.
     pub fn forget(&self, username: &str) {
-        lock(&self.enabled).remove(username);
+        lock(&self.inner).enabled.remove(username);
+    }
+
+    /// A `LISTEN` connection for the table's changes is open (not yet heard from); its number.
+    /// What was heard on earlier ones no longer counts.
+    pub fn listening(&self) -> u64 {
+        let mut users = lock(&self.inner);
+        users.hearing.connection += 1;
+        users.hearing.heard = None;
+        users.hearing.connection
+    }
+
+    /// `connection` heard from the database (its heartbeat, or any change): it still hears.
+    pub fn heard(&self, connection: u64) {
+        let mut users = lock(&self.inner);
+        if users.hearing.connection == connection {
+            users.hearing.heard = Some(Instant::now());
+        }
+    }
+
+    /// `username` changed (disabled, deleted, a new password), or with `None` every user did:
+    /// asked about again at their next request.
+    pub fn changed(&self, username: Option<&str>) {
+        let mut users = lock(&self.inner);
+        users.hearing.changes += 1;
+        match username {
+            Some(username) => drop(users.enabled.remove(username)),
+            None => users.enabled.clear(),
+        }
+    }
+
+    /// The `LISTEN` connection was lost: users are trusted for the staleness bound only.
+    pub fn deaf(&self) {
+        lock(&self.inner).hearing.heard = None;
+    }
+
+    /// Whether a `LISTEN` connection hears the users table's changes now.
+    pub fn is_hearing(&self) -> bool {
+        lock(&self.inner).hearing.hearing(Instant::now())
     }
 }
 
@@ -387,7 +485,7 @@ mod tests {
     async fn an_enabled_user_is_trusted_for_the_staleness_bound_only() {
         let cache = UserCache::new(Duration::from_secs(1));
         assert_eq!(cache.check("alice"), Checked::Stale);
-        cache.enabled_at("alice", Instant::now());
+        cache.enabled_at("alice", cache.asking());
         assert_eq!(cache.check("alice"), Checked::Fresh);
         tokio::time::advance(Duration::from_millis(500)).await;
         assert_eq!(cache.check("alice"), Checked::FreshAskAgain, "past half the bound: ask again");
@@ -397,18 +495,17 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(cache.check("alice"), Checked::Stale, "asked again once the bound has passed");
         let never = UserCache::new(Duration::ZERO);
-        never.enabled_at("alice", Instant::now());
+        never.enabled_at("alice", never.asking());
         assert_eq!(never.check("alice"), Checked::Stale);
     }
 
     #[tokio::test(start_paused = true)]
     async fn an_answer_counts_from_when_its_question_was_asked() {
         let cache = UserCache::new(Duration::from_secs(1));
-        let first = Instant::now();
-        cache.enabled_at("alice", first);
+        cache.enabled_at("alice", cache.asking());
         tokio::time::advance(Duration::from_millis(600)).await;
         assert_eq!(cache.check("alice"), Checked::FreshAskAgain);
-        let asked = Instant::now();
+        let asked = cache.asking();
         tokio::time::advance(Duration::from_millis(100)).await;
         cache.enabled_at("alice", asked);
         assert_eq!(cache.check("alice"), Checked::Fresh, "the new answer is 0.1 s old");
@@ -418,8 +515,88 @@ mod tests {
         tokio::time::advance(Duration::from_millis(1)).await;
         assert_eq!(cache.check("alice"), Checked::Stale);
         // Found disabled: stale at once, and asked about again.
-        cache.enabled_at("alice", Instant::now());
+        cache.enabled_at("alice", cache.asking());
         cache.forget("alice");
         assert_eq!(cache.check("alice"), Checked::Stale);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_a_connection_hears_the_table_a_user_is_trusted_until_it_changes() {
+        let cache = UserCache::new(Duration::from_secs(1));
+        let connection = cache.listening();
+        // Open but not yet heard from: the bound as before.
+        cache.enabled_at("alice", cache.asking());
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(cache.check("alice"), Checked::Stale, "no heartbeat yet: trusted for the bound only");
+        cache.heard(connection);
+        assert!(cache.is_hearing());
+        cache.enabled_at("alice", cache.asking());
+        cache.enabled_at("bob", cache.asking());
+        for _ in 0..30 {
+            // Well past the bound, never asked again, while heartbeats keep coming.
+            tokio::time::advance(Duration::from_secs(2)).await;
+            cache.heard(connection);
+            assert_eq!(cache.check("alice"), Checked::Fresh);
+        }
+        cache.changed(Some("alice"));
+        assert_eq!(cache.check("alice"), Checked::Stale, "a change heard: asked about at once");
+        assert_eq!(cache.check("bob"), Checked::Fresh, "another user's change leaves bob be");
+        cache.changed(None);
+        assert_eq!(cache.check("bob"), Checked::Stale, "every user changed (TRUNCATE)");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_answer_to_a_question_asked_before_a_change_is_trusted_for_the_bound_only() {
+        let cache = UserCache::new(Duration::from_secs(1));
+        let connection = cache.listening();
+        cache.heard(connection);
+        // The query's snapshot may predate alice's disabling, whose notification came first.
+        let question = cache.asking();
+        cache.changed(Some("alice"));
+        cache.enabled_at("alice", question);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        cache.heard(connection);
+        assert_eq!(cache.check("alice"), Checked::Stale);
+        // Asked before the connection was opened: the same.
+        let early = cache.asking();
+        let second = cache.listening();
+        cache.heard(second);
+        cache.enabled_at("bob", early);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        cache.heard(second);
+        assert_eq!(cache.check("bob"), Checked::Stale);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_that_stops_hearing_is_trusted_no_more() {
+        let cache = UserCache::new(Duration::from_secs(1));
+        let first = cache.listening();
+        cache.heard(first);
+        cache.enabled_at("alice", cache.asking());
+        tokio::time::advance(HEARD_WITHIN - Duration::from_millis(1)).await;
+        assert_eq!(cache.check("alice"), Checked::Fresh);
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(!cache.is_hearing());
+        assert_eq!(cache.check("alice"), Checked::Stale, "silent for HEARD_WITHIN: its word counts no more");
+        // Lost, and opened again: what the lost one heard does not count on the new one.
+        cache.heard(first);
+        cache.enabled_at("alice", cache.asking());
+        cache.deaf();
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(cache.check("alice"), Checked::Stale, "deaf: the bound again");
+        cache.heard(first);
+        cache.enabled_at("alice", cache.asking());
+        let second = cache.listening();
+        cache.heard(first);
+        cache.heard(second);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        cache.heard(second);
+        assert_eq!(cache.check("alice"), Checked::Stale, "found on the connection before");
+        // USER_CACHE_SECONDS=0 asks every time, heard or not.
+        let never = UserCache::new(Duration::ZERO);
+        let connection = never.listening();
+        never.heard(connection);
+        never.enabled_at("alice", never.asking());
+        assert_eq!(never.check("alice"), Checked::Stale);
     }
 }

@@ -47,6 +47,7 @@ pub mod server;
 pub mod settings;
 pub mod sse;
 pub mod throttle;
+pub mod user_changes;
 pub mod users;
 pub mod view;
 
@@ -194,7 +195,8 @@ impl AppState {
         &self.inner.verified
     }
 
-    pub(crate) fn enabled_users(&self) -> &cache::UserCache {
+    /// Users found enabled, and whether the users table's changes are heard.
+    pub fn enabled_users(&self) -> &cache::UserCache {
         &self.inner.enabled
     }
 

@@ -3,6 +3,11 @@
 //! The table comes from ivr-server's own migrations (versions from 1000 on), kept in the same
 //! `_sqlx_migrations` table as ivr-core's: each migrator ignores the other's versions.
 //!
+//! On PostgreSQL a trigger announces every change to a user (`NOTIFY` on [`CHANGES_CHANNEL`],
+//! payload the username, `*` for all of them) so that `user_changes.rs` can tell the user
+//! cache at once; [`UserStore::heartbeat`] announces an empty payload, by which a listener
+//! knows it still hears.
+//!
 //! [`UserStore::check_password`] takes about as long for an unknown user as for a wrong
 //! password: it verifies against a fixed dummy hash of the same cost, so the answer's timing
 //! does not tell which usernames exist.
@@ -11,7 +16,7 @@ use std::time::Duration;
 
 use ivr_core::store::{EmbeddedMigrations, SqlCallStore};
 use sqlx::any::AnyRow;
-use sqlx::{AnyPool, Row};
+use sqlx::{AnyPool, Executor as _, Row};
 
 /// ivr-server's migrations: version, description, SQL. Versions start at 1000 so they never
 /// collide with ivr-core's.
@@ -26,6 +31,27 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
         updated_at    BIGINT NOT NULL
     )",
 )];
+
+/// The channel the users table's changes are announced on (PostgreSQL).
+pub const CHANGES_CHANNEL: &str = "ivr_users";
+
+/// Installs the trigger that announces changes to users (PostgreSQL), idempotently; in one
+/// transaction under a lock, so that processes starting together do not race to create it.
+/// Not a migration: the migrations are SQL both engines run, and this is PostgreSQL's alone.
+const INSTALL_NOTIFY: &str = "BEGIN; SELECT pg_advisory_xact_lock(hashtext('ivr_user_changed')); \
+     CREATE OR REPLACE FUNCTION ivr_user_changed() RETURNS trigger LANGUAGE plpgsql AS $body$ BEGIN \
+       IF TG_OP = 'TRUNCATE' THEN PERFORM pg_notify('ivr_users', '*'); \
+       ELSE PERFORM pg_notify('ivr_users', OLD.username); END IF; RETURN NULL; END $body$; \
+     DO $do$ BEGIN \
+       IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'ivr_user_changed' \
+                      AND tgrelid = 'ivr_users'::regclass) THEN \
+         CREATE TRIGGER ivr_user_changed AFTER UPDATE OR DELETE ON ivr_users \
+         FOR EACH ROW EXECUTE FUNCTION ivr_user_changed(); END IF; \
+       IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'ivr_users_truncated' \
+                      AND tgrelid = 'ivr_users'::regclass) THEN \
+         CREATE TRIGGER ivr_users_truncated AFTER TRUNCATE ON ivr_users \
+         FOR EACH STATEMENT EXECUTE FUNCTION ivr_user_changed(); END IF; \
+     END $do$; COMMIT;";
 
 /// Longest a user query may take before the store counts as unavailable.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -72,6 +98,8 @@ fn unavailable(e: impl std::fmt::Display) -> UserError {
 #[derive(Clone)]
 pub struct UserStore {
     pool: AnyPool,
+    /// PostgreSQL, whose changes to users are announced; else SQLite.
+    postgres: bool,
     cost: u32,
     /// A hash of a random password at `cost`, checked when the user does not exist.
     dummy_hash: String,
@@ -86,18 +114,30 @@ impl std::fmt::Debug for UserStore {
 impl UserStore {
     /// Users in `store`'s database, hashing new passwords at bcrypt `cost`.
     pub fn new(store: &SqlCallStore, cost: u32) -> Result<Self, UserError> {
-        Self::with_pool(store.pool().clone(), cost)
-    }
-
-    pub fn with_pool(pool: AnyPool, cost: u32) -> Result<Self, UserError> {
         let random = uuid::Uuid::new_v4().to_string();
         let dummy_hash = bcrypt::hash(random, cost).map_err(|e| UserError::Invalid(format!("bcrypt: {e}")))?;
-        Ok(UserStore { pool, cost, dummy_hash })
+        Ok(UserStore { pool: store.pool().clone(), postgres: store.is_postgres(), cost, dummy_hash })
     }
 
-    /// Creates the users table if it is not there yet.
+    /// Creates the users table if it is not there yet, and on PostgreSQL the trigger that
+    /// announces changes to users.
     pub async fn migrate(&self) -> Result<(), UserError> {
-        EmbeddedMigrations(MIGRATIONS).run(&self.pool).await.map_err(unavailable)
+        EmbeddedMigrations(MIGRATIONS).run(&self.pool).await.map_err(unavailable)?;
+        if self.postgres {
+            timed(self.pool.execute(INSTALL_NOTIFY)).await?;
+        }
+        Ok(())
+    }
+
+    /// Whether changes to users are announced (PostgreSQL), for `user_changes.rs` to hear.
+    pub fn announces_changes(&self) -> bool {
+        self.postgres
+    }
+
+    /// Announces an empty change on [`CHANGES_CHANNEL`], by which every listener knows it still
+    /// hears the database.
+    pub async fn heartbeat(&self) -> Result<(), UserError> {
+        timed(sqlx::query("SELECT pg_notify($1, '')").bind(CHANGES_CHANNEL).execute(&self.pool)).await.map(drop)
     }
 
     pub async fn add(&self, username: &str, password: &str) -> Result<(), UserError> {

@@ -597,6 +597,52 @@ async fn under_steady_use_the_user_is_asked_again_before_the_bound_lapses() {
     server.shutdown().await;
 }
 
+/// On PostgreSQL a user found enabled is trusted until the users table announces a change
+/// (user_changes.rs: LISTEN, kept honest by a heartbeat), not for USER_CACHE_SECONDS: with a
+/// bound of a minute, disabling the user still locks their token out within moments, and
+/// enabling them lets them in again at once.
+#[tokio::test]
+async fn on_postgres_a_disabled_user_is_heard_of_at_once() {
+    let Ok(url) = std::env::var("IVR_TEST_DATABASE_URL") else {
+        let _ = writeln!(std::io::stderr(), "skipped: users heard of on PostgreSQL (IVR_TEST_DATABASE_URL is not set)");
+        return;
+    };
+    let sql = within("postgres", ivr_core::store::conformance::postgres_in_fresh_schema(&url)).await.expect("postgres");
+    let server = TestServer::start(&[("USER_CACHE_SECONDS", "60")], Db::Sql(sql), Ari::Down).await;
+    let hearing = tokio::spawn(ivr_server::user_changes::follow(server.state.clone(), url));
+    within("the first heartbeat", async {
+        while !server.state.enabled_users().is_hearing() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    let token = server.login().await;
+    let get = || auth(client().get(server.url("/api/v1/calls")), &token);
+    let (status, _, _) = send(get()).await;
+    assert_eq!(status, 200);
+    let users = server.state.users().unwrap();
+    within("disable", users.set_disabled(USER, true)).await.unwrap();
+    let disabled = Instant::now();
+    loop {
+        let (status, _, body) = send(get()).await;
+        if status == 401 {
+            break;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            disabled.elapsed() < Duration::from_secs(5),
+            "still let in {:?} after being disabled",
+            disabled.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    within("enable", users.set_disabled(USER, false)).await.unwrap();
+    let (status, _, _) = send(get()).await;
+    assert_eq!(status, 200, "a no is never remembered");
+    hearing.abort();
+    server.shutdown().await;
+}
+
 /// With USER_CACHE_SECONDS=0 every request asks the users table: a disabled user's token stops
 /// working with the next request.
 #[tokio::test]

@@ -103,6 +103,8 @@ impl Cluster {
                 ("INSTANCE_LEASE_SECONDS", "2"),
                 ("MAX_CALLS_PER_SECOND", CPS),
                 ("BCRYPT_COST", "4"),
+                // Long, so that a user locked out within moments is the LISTEN path's doing.
+                ("USER_CACHE_SECONDS", "30"),
                 ("LOG_FORMAT", "json"),
                 ("RUST_LOG", "info"),
             ])
@@ -159,6 +161,18 @@ impl Cluster {
             }
         }
         all
+    }
+
+    /// `ivr-server user VERB alice` against the cluster's database.
+    fn user(&self, verb: &str) {
+        let out = Command::new(env!("CARGO_BIN_EXE_ivr-server"))
+            .env_clear()
+            .envs([("DATABASE_URL", self.url.as_str()), ("SECRET_KEY", SECRET_KEY), ("BCRYPT_COST", "4")])
+            .args(["user", verb, USER])
+            .stdin(Stdio::null())
+            .output()
+            .expect("ivr-server user");
+        assert!(out.status.success(), "user {verb}: {}", String::from_utf8_lossy(&out.stderr));
     }
 
     fn kill(&mut self, n: usize) {
@@ -409,6 +423,47 @@ async fn two_instances_one_killed_and_restarted_at_once_never_fight_over_a_call(
     }
     let logs = std::fs::read_to_string(&cluster.nodes[returned].log).unwrap_or_default();
     assert!(logs.contains("instance registered"), "{}", cluster.logs());
+}
+
+/// A user disabled with `ivr-server user disable` is locked out of every instance within
+/// moments, though each trusts a user for USER_CACHE_SECONDS (30 s here): each hears the users
+/// table's change. Enabled again, they are let in at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disabled_user_is_locked_out_of_every_instance_at_once() {
+    let Some(mut cluster) = Cluster::new().await else { return };
+    for id in ["a", "b"] {
+        cluster.start(id).await;
+    }
+    let hearing = |n: usize| {
+        std::fs::read_to_string(&cluster.nodes[n].log).unwrap_or_default().contains("listening for the users table")
+    };
+    cluster
+        .within("both to listen for the users table's changes", async {
+            while !(hearing(0) && hearing(1)) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await;
+    let status = |n: usize| {
+        let request = cluster.req(reqwest::Method::GET, n, "/api/v1/calls");
+        async move { request.send().await.expect("GET").status().as_u16() }
+    };
+    for n in 0..2 {
+        assert_eq!(status(n).await, 200);
+    }
+    cluster.user("disable");
+    let disabled = std::time::Instant::now();
+    for n in 0..2 {
+        while status(n).await != 401 {
+            assert!(disabled.elapsed() < Duration::from_secs(10), "still let in by {}\n{}", n, cluster.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    eprintln!("locked out of both instances {:?} after `user disable`", disabled.elapsed());
+    cluster.user("enable");
+    for n in 0..2 {
+        assert_eq!(status(n).await, 200, "a no is never remembered");
+    }
 }
 
 /// SQLite serves one instance: a second process on the same file is refused with a message

@@ -113,6 +113,11 @@ impl SqlCallStore {
         self.engine
     }
 
+    /// Whether the database is PostgreSQL (which can `LISTEN`), not SQLite.
+    pub fn is_postgres(&self) -> bool {
+        self.engine == Engine::Postgres
+    }
+
     /// This store, storing new calls as followed by the lease `lease_id` (`calls.owner`).
     pub fn with_owner(&self, lease_id: &str) -> SqlCallStore {
         SqlCallStore { owner: Some(lease_id.to_owned()), ..self.clone() }
