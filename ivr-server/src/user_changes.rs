@@ -24,8 +24,11 @@ use crate::AppState;
 
 /// How often each process announces the empty change it listens for.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// The pause before a lost connection is opened again.
+/// The pause before a lost connection is opened again; it doubles, up to [`RETRY_MAX`], while
+/// none hears anything: behind a pooler that drops notifications every connection goes silent,
+/// and the log need not say so every few seconds.
 const RETRY: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
 /// Longest opening the connection and starting to listen may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -39,19 +42,28 @@ pub async fn follow(state: AppState, url: String) {
 
 /// One connection after another.
 async fn hear(state: &AppState, url: &str) {
+    let mut pause = RETRY;
     loop {
-        let lost = listen(state, url).await;
+        let (heard, lost) = listen(state, url).await;
         state.enabled_users().deaf();
+        if heard {
+            pause = RETRY;
+        }
         tracing::warn!(
             error = %lost,
+            retry_in = ?pause,
             "not hearing the users table's changes; users are asked about every USER_CACHE_SECONDS until it is back"
         );
-        tokio::time::sleep(RETRY).await;
+        tokio::time::sleep(pause).await;
+        if !heard {
+            pause = (pause * 2).min(RETRY_MAX);
+        }
     }
 }
 
-/// One connection's life: what it heard, until it stopped hearing.
-async fn listen(state: &AppState, url: &str) -> String {
+/// One connection's life: what it heard, until it stopped hearing. Returns whether it heard
+/// anything, and why it stopped.
+async fn listen(state: &AppState, url: &str) -> (bool, String) {
     let opened = tokio::time::timeout(CONNECT_TIMEOUT, async {
         let mut listener = PgListener::connect(url).await?;
         listener.listen(CHANGES_CHANNEL).await?;
@@ -61,27 +73,29 @@ async fn listen(state: &AppState, url: &str) -> String {
     let mut listener = match opened {
         Ok(Ok(listener)) => listener,
         // sqlx's errors do not carry the URL (nor its password).
-        Ok(Err(e)) => return format!("could not LISTEN: {e}"),
-        Err(_) => return format!("could not LISTEN within {CONNECT_TIMEOUT:?}"),
+        Ok(Err(e)) => return (false, format!("could not LISTEN: {e}")),
+        Err(_) => return (false, format!("could not LISTEN within {CONNECT_TIMEOUT:?}")),
     };
     let cache = state.enabled_users();
     let connection = cache.listening();
     tracing::info!(connection, "listening for the users table's changes");
+    let mut heard = false;
     loop {
         // A timed-out `try_recv` may have read half a message: the connection is dropped then,
         // never read from again.
         match tokio::time::timeout(HEARD_WITHIN, listener.try_recv()).await {
             Ok(Ok(Some(notification))) => {
                 cache.heard(connection);
+                heard = true;
                 match notification.payload() {
                     "" => {}
                     "*" => cache.changed(None),
                     username => cache.changed(Some(username)),
                 }
             }
-            Ok(Ok(None)) => return "the connection was lost".into(),
-            Ok(Err(e)) => return format!("LISTEN failed: {e}"),
-            Err(_) => return format!("nothing heard for {HEARD_WITHIN:?}"),
+            Ok(Ok(None)) => return (heard, "the connection was lost".into()),
+            Ok(Err(e)) => return (heard, format!("LISTEN failed: {e}")),
+            Err(_) => return (heard, format!("nothing heard for {HEARD_WITHIN:?}")),
         }
     }
 }

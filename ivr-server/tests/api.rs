@@ -643,6 +643,39 @@ async fn on_postgres_a_disabled_user_is_heard_of_at_once() {
     server.shutdown().await;
 }
 
+/// A LISTEN connection that hears nothing, not even the heartbeat (here it listens on another
+/// database, as one behind a pooler that drops notifications would), is never trusted: the
+/// silence is noticed and logged, and a disabled user is locked out within USER_CACHE_SECONDS
+/// as without it.
+#[tokio::test]
+async fn on_postgres_a_connection_that_hears_nothing_is_not_trusted() {
+    let Ok(url) = std::env::var("IVR_TEST_DATABASE_URL") else {
+        let _ = writeln!(std::io::stderr(), "skipped: a silent LISTEN connection (IVR_TEST_DATABASE_URL is not set)");
+        return;
+    };
+    let sql = within("postgres", ivr_core::store::conformance::postgres_in_fresh_schema(&url)).await.expect("postgres");
+    let server = TestServer::start(&[("USER_CACHE_SECONDS", "1")], Db::Sql(sql), Ari::Down).await;
+    let mut elsewhere = reqwest::Url::parse(&url).expect("IVR_TEST_DATABASE_URL");
+    elsewhere.set_path("/postgres");
+    let hearing = tokio::spawn(ivr_server::user_changes::follow(server.state.clone(), elsewhere.to_string()));
+    within("the silence to be noticed", async {
+        while !logs().contains("nothing heard for") {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(!server.state.enabled_users().is_hearing());
+    let token = server.login().await;
+    let get = || auth(client().get(server.url("/api/v1/calls")), &token);
+    let (status, _, _) = send(get()).await;
+    assert_eq!(status, 200);
+    within("disable", server.state.users().unwrap().set_disabled(USER, true)).await.unwrap();
+    tokio::time::sleep(ivr_server::cache::DEFAULT_USER_CACHE).await;
+    problem(get(), 401).await;
+    hearing.abort();
+    server.shutdown().await;
+}
+
 /// With USER_CACHE_SECONDS=0 every request asks the users table: a disabled user's token stops
 /// working with the next request.
 #[tokio::test]
