@@ -319,7 +319,9 @@ async fn play_missing_sound_hangs_up_and_keeps_the_failure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hangup_answered_is_a_cancel_that_completes() {
-    scenario("hangup_answered", LOCAL, to("+15550000007"), completed(true), |rig, call| async move {
+    // With audio, so the call is still up when the cancel comes (see the restart scenario).
+    let request = CallRequest { audio: Some("sound:demo-congrats".into()), ..to("+15550000007") };
+    scenario("hangup_answered", LOCAL, request, completed(true), |rig, call| async move {
         rig.until_status(&call, CallStatus::Answered).await;
         within("cancel", rig.manager.cancel(call.call_id)).await.unwrap();
         (rig, call)
@@ -496,7 +498,9 @@ async fn a_missed_end_is_settled_by_the_deadline() {
         ..settings(LOCAL)
     };
     let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings).await;
-    let call = within("originate", originate(&rig.manager, to("+15550000007"))).await.unwrap();
+    // With audio, so the call is still up when the channel vanishes (see the restart scenario).
+    let request = CallRequest { audio: Some("sound:demo-congrats".into()), ..to("+15550000007") };
+    let call = within("originate", originate(&rig.manager, request)).await.unwrap();
     rig.until_status(&call, CallStatus::Answered).await;
     // Asterisk forgets the channel and says nothing: a crash on its side.
     rig.fake.vanish(&call.call_id.to_string());
