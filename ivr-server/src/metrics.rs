@@ -88,6 +88,9 @@ pub struct GuardMetrics {
     pub destinations_refused: IntCounterVec,
     pub connections_open: IntGauge,
     pub connections_refused: IntCounter,
+    /// 1 while a `LISTEN` connection hears the users table's changes (PostgreSQL,
+    /// `user_changes.rs`); 0 while users are asked about every USER_CACHE_SECONDS instead.
+    pub user_changes_heard: IntGauge,
 }
 
 impl GuardMetrics {
@@ -108,8 +111,19 @@ impl GuardMetrics {
         registry.register(Box::new(login_throttled.clone()))?;
         registry.register(Box::new(destinations_refused.clone()))?;
         registry.register(Box::new(connections_open.clone()))?;
+        let user_changes_heard = IntGauge::new(
+            "ivr_user_changes_heard",
+            "1 while the users table's changes are heard (PostgreSQL LISTEN); 0 while users are asked about every USER_CACHE_SECONDS",
+        )?;
         registry.register(Box::new(connections_refused.clone()))?;
-        Ok(GuardMetrics { login_throttled, destinations_refused, connections_open, connections_refused })
+        registry.register(Box::new(user_changes_heard.clone()))?;
+        Ok(GuardMetrics {
+            login_throttled,
+            destinations_refused,
+            connections_open,
+            connections_refused,
+            user_changes_heard,
+        })
     }
 }
 

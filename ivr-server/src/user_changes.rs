@@ -46,6 +46,7 @@ async fn hear(state: &AppState, url: &str) {
     loop {
         let (heard, lost) = listen(state, url).await;
         state.enabled_users().deaf();
+        state.guard_metrics().user_changes_heard.set(0);
         if heard {
             pause = RETRY;
         }
@@ -85,8 +86,11 @@ async fn listen(state: &AppState, url: &str) -> (bool, String) {
         // never read from again.
         match tokio::time::timeout(HEARD_WITHIN, listener.try_recv()).await {
             Ok(Ok(Some(notification))) => {
-                cache.heard(connection);
+                if !heard {
+                    state.guard_metrics().user_changes_heard.set(1);
+                }
                 heard = true;
+                cache.heard(connection);
                 match notification.payload() {
                     "" => {}
                     "*" => cache.changed(None),

@@ -616,6 +616,8 @@ async fn on_postgres_a_disabled_user_is_heard_of_at_once() {
         }
     })
     .await;
+    let metrics = ivr_server::metrics::render(server.state.registry());
+    assert!(metrics.contains("\nivr_user_changes_heard 1\n"), "{metrics}");
     let token = server.login().await;
     let get = || auth(client().get(server.url("/api/v1/calls")), &token);
     let (status, _, _) = send(get()).await;
@@ -665,6 +667,8 @@ async fn on_postgres_a_connection_that_hears_nothing_is_not_trusted() {
     })
     .await;
     assert!(!server.state.enabled_users().is_hearing());
+    let metrics = ivr_server::metrics::render(server.state.registry());
+    assert!(metrics.contains("\nivr_user_changes_heard 0\n"), "{metrics}");
     let token = server.login().await;
     let get = || auth(client().get(server.url("/api/v1/calls")), &token);
     let (status, _, _) = send(get()).await;
