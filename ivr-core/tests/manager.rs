@@ -149,6 +149,14 @@ fn to(number: &str) -> CallRequest {
     CallRequest::to(PhoneNumber::parse(number).unwrap())
 }
 
+/// A call to `number` that plays demo-congrats once answered: 30 s, 0.9 s at the fake's scale.
+/// On +15550000007 that keeps the call up after the answer, where the recorded ivr-menu
+/// dialplan alone hangs up 3.4 s (0.1 s) after it: too soon on a loaded machine for a test to
+/// act on the answered call first.
+fn playing(number: &str) -> CallRequest {
+    CallRequest { audio: Some("sound:demo-congrats".into()), ..to(number) }
+}
+
 /// What the outcome table promises for one scenario.
 struct Expect {
     status: CallStatus,
@@ -279,14 +287,10 @@ async fn bad_endpoints_fail_the_originate_and_keep_the_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn asterisk_restart_with_the_call_up() {
-    // With audio: its 30 s (0.9 s at the fake's scale) keep the call up until the restart.
-    // Without, the ivr-menu dialplan hangs up 3.4 s (0.1 s) after the answer, and on a loaded
-    // machine the call had ended by itself before the restart came.
-    let request = CallRequest { audio: Some("sound:demo-congrats".into()), ..to("+15550000007") };
     scenario(
         "asterisk_restart",
         LOCAL,
-        request,
+        playing("+15550000007"),
         Expect { hangup_code: Some(0), ..completed(true) },
         |rig, call| async move {
             rig.until_status(&call, CallStatus::Answered).await;
@@ -299,8 +303,7 @@ async fn asterisk_restart_with_the_call_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_play_cut_by_the_callee() {
-    let request = CallRequest { audio: Some("sound:demo-congrats".into()), ..to("+15550000001") };
-    scenario("answered_play", LOCAL, request, completed(true), as_is).await;
+    scenario("answered_play", LOCAL, playing("+15550000001"), completed(true), as_is).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -319,9 +322,7 @@ async fn play_missing_sound_hangs_up_and_keeps_the_failure() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hangup_answered_is_a_cancel_that_completes() {
-    // With audio, so the call is still up when the cancel comes (see the restart scenario).
-    let request = CallRequest { audio: Some("sound:demo-congrats".into()), ..to("+15550000007") };
-    scenario("hangup_answered", LOCAL, request, completed(true), |rig, call| async move {
+    scenario("hangup_answered", LOCAL, playing("+15550000007"), completed(true), |rig, call| async move {
         rig.until_status(&call, CallStatus::Answered).await;
         within("cancel", rig.manager.cancel(call.call_id)).await.unwrap();
         (rig, call)
@@ -498,9 +499,7 @@ async fn a_missed_end_is_settled_by_the_deadline() {
         ..settings(LOCAL)
     };
     let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings).await;
-    // With audio, so the call is still up when the channel vanishes (see the restart scenario).
-    let request = CallRequest { audio: Some("sound:demo-congrats".into()), ..to("+15550000007") };
-    let call = within("originate", originate(&rig.manager, request)).await.unwrap();
+    let call = within("originate", originate(&rig.manager, playing("+15550000007"))).await.unwrap();
     rig.until_status(&call, CallStatus::Answered).await;
     // Asterisk forgets the channel and says nothing: a crash on its side.
     rig.fake.vanish(&call.call_id.to_string());

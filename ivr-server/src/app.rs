@@ -93,7 +93,8 @@ pub struct App {
     pub retention: Option<Retention>,
     /// The status-callback worker (with WEBHOOK_SECRET), run beside the event loop.
     pub webhooks: Option<ivr_core::webhook::Worker>,
-    /// The database to hear the users table's changes from (PostgreSQL; `user_changes.rs`).
+    /// The database to hear the users table's changes from (`user_changes.rs`, which does
+    /// nothing unless it is PostgreSQL).
     pub user_changes: Option<Secret>,
 }
 
@@ -103,10 +104,6 @@ impl App {
     /// another live process holds the SQLite file, or this INSTANCE_ID on PostgreSQL.
     pub async fn build(settings: &Settings) -> Result<App, StartError> {
         let mut stores = Stores::open(&settings.db).await?;
-        let user_changes = match &stores.users {
-            Some(users) if users.announces_changes() => settings.db.database_url.clone(),
-            _ => None,
-        };
         let mut instance = None;
         if let (Some(sql), Some(url)) = (&stores.sql, &settings.db.database_url) {
             let joined = Instance::join(sql, url.expose(), &settings.ari.app, &settings.instance)
@@ -115,7 +112,7 @@ impl App {
             stores.calls = Arc::new(joined.owning(sql));
             instance = Some(joined);
         }
-        Ok(App { user_changes, ..Self::assemble(settings, stores, instance)? })
+        Ok(App { user_changes: settings.db.database_url.clone(), ..Self::assemble(settings, stores, instance)? })
     }
 
     /// Builds the manager and the state on stores the caller opened (as one process alone,
@@ -170,8 +167,8 @@ impl App {
     }
 
     /// Serves the API on `listener`, follows the calls, runs the retention task (with
-    /// CALL_RETENTION_DAYS) and hears the users table's changes (PostgreSQL) until `shutdown` completes, or the ARI event loop fails; then
-    /// drains (see [`serve`](crate::serve) and [`follow_calls`](crate::follow_calls)), stops
+    /// CALL_RETENTION_DAYS) and hears the users table's changes (PostgreSQL) until `shutdown`
+    /// completes, or the ARI event loop fails; then drains (see [`serve`](crate::serve) and [`follow_calls`](crate::follow_calls)), stops
     /// the retention task and closes the stores.
     pub async fn run(
         self,
@@ -198,14 +195,8 @@ impl App {
         });
         let retention = self.retention.clone().map(|r| tokio::spawn(r.run(until_stopped(stopped.clone()))));
         let user_changes = self.user_changes.as_ref().map(|url| {
-            let (hear, stop) =
-                (crate::user_changes::follow(self.state.clone(), url.expose().to_owned()), stopped.clone());
-            tokio::spawn(async move {
-                tokio::select! {
-                    () = hear => {}
-                    () = until_stopped(stop) => {}
-                }
-            })
+            let url = url.expose().to_owned();
+            tokio::spawn(crate::user_changes::follow(self.state.clone(), url, until_stopped(stopped.clone())))
         });
         let served = crate::serve(listener, self.state.clone(), until_stopped(stopped)).await;
         let _ = engine_stopped.await;

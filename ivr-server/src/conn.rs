@@ -19,7 +19,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -136,9 +136,8 @@ pub struct HeadWait {
     answered: AtomicU64,
     /// When the last answer ended, in nanoseconds since `opened`.
     last_answer: AtomicU64,
+    /// Counts this connection until its first head (`heads` 0 → 1) or its end.
     awaiting_first: Arc<AtomicUsize>,
-    /// Whether this connection is still in `awaiting_first`.
-    counted: AtomicBool,
 }
 
 impl HeadWait {
@@ -152,24 +151,20 @@ impl HeadWait {
             answered: AtomicU64::new(0),
             last_answer: AtomicU64::new(0),
             awaiting_first: Arc::clone(awaiting_first),
-            counted: AtomicBool::new(true),
         })
     }
 
     /// A head arrived: the wait is over until its answer ends.
     pub fn head_arrived(&self) {
         if self.heads.fetch_add(1, Ordering::Relaxed) == 0 {
-            self.uncount();
+            self.awaiting_first.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
-    /// The connection is over: it no longer waits for a first head, if it ever did.
+    /// The connection is over (called once, after its last head): it no longer waits for a
+    /// first head, if it never had one.
     pub fn ended(&self) {
-        self.uncount();
-    }
-
-    fn uncount(&self) {
-        if self.counted.swap(false, Ordering::SeqCst) {
+        if self.heads.load(Ordering::Relaxed) == 0 {
             self.awaiting_first.fetch_sub(1, Ordering::SeqCst);
         }
     }

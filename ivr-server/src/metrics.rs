@@ -108,13 +108,13 @@ impl GuardMetrics {
             "ivr_http_connections_refused_total",
             "HTTP connections refused (503) because MAX_CONNECTIONS were open",
         )?;
-        registry.register(Box::new(login_throttled.clone()))?;
-        registry.register(Box::new(destinations_refused.clone()))?;
-        registry.register(Box::new(connections_open.clone()))?;
         let user_changes_heard = IntGauge::new(
             "ivr_user_changes_heard",
             "1 while the users table's changes are heard (PostgreSQL LISTEN); 0 while users are asked about every USER_CACHE_SECONDS",
         )?;
+        registry.register(Box::new(login_throttled.clone()))?;
+        registry.register(Box::new(destinations_refused.clone()))?;
+        registry.register(Box::new(connections_open.clone()))?;
         registry.register(Box::new(connections_refused.clone()))?;
         registry.register(Box::new(user_changes_heard.clone()))?;
         Ok(GuardMetrics {

@@ -14,6 +14,7 @@
 //! The database delivers notifications in the order their transactions committed, so a
 //! heartbeat heard means every change committed before it was heard too.
 
+use std::future::Future;
 use std::time::Duration;
 
 use sqlx::postgres::PgListener;
@@ -33,11 +34,14 @@ const RETRY_MAX: Duration = Duration::from_secs(60);
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Hears the users table's changes for `state`'s user cache, over a connection to `url`,
-/// until dropped (the caller owns the shutdown). Returns at once where changes are not
-/// announced (SQLite, DISABLE_DB).
-pub async fn follow(state: AppState, url: String) {
+/// until `shutdown` completes. Returns at once where changes are not announced (SQLite,
+/// DISABLE_DB).
+pub async fn follow(state: AppState, url: String, shutdown: impl Future<Output = ()>) {
     let Some(users) = state.users().filter(|u| u.announces_changes()).cloned() else { return };
-    tokio::join!(heartbeats(users), hear(&state, &url));
+    tokio::select! {
+        () = shutdown => {}
+        ((), ()) = async { tokio::join!(heartbeats(users), hear(&state, &url)) } => {}
+    }
 }
 
 /// One connection after another.
@@ -86,10 +90,8 @@ async fn listen(state: &AppState, url: &str) -> (bool, String) {
         // never read from again.
         match tokio::time::timeout(HEARD_WITHIN, listener.try_recv()).await {
             Ok(Ok(Some(notification))) => {
-                if !heard {
-                    state.guard_metrics().user_changes_heard.set(1);
-                }
                 heard = true;
+                state.guard_metrics().user_changes_heard.set(1);
                 cache.heard(connection);
                 match notification.payload() {
                     "" => {}

@@ -35,23 +35,28 @@ const MIGRATIONS: &[(i64, &str, &str)] = &[(
 /// The channel the users table's changes are announced on (PostgreSQL).
 pub const CHANGES_CHANNEL: &str = "ivr_users";
 
-/// Installs the trigger that announces changes to users (PostgreSQL), idempotently; in one
-/// transaction under a lock, so that processes starting together do not race to create it.
-/// Not a migration: the migrations are SQL both engines run, and this is PostgreSQL's alone.
-const INSTALL_NOTIFY: &str = "BEGIN; SELECT pg_advisory_xact_lock(hashtext('ivr_user_changed')); \
-     CREATE OR REPLACE FUNCTION ivr_user_changed() RETURNS trigger LANGUAGE plpgsql AS $body$ BEGIN \
-       IF TG_OP = 'TRUNCATE' THEN PERFORM pg_notify('ivr_users', '*'); \
-       ELSE PERFORM pg_notify('ivr_users', OLD.username); END IF; RETURN NULL; END $body$; \
-     DO $do$ BEGIN \
-       IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'ivr_user_changed' \
-                      AND tgrelid = 'ivr_users'::regclass) THEN \
-         CREATE TRIGGER ivr_user_changed AFTER UPDATE OR DELETE ON ivr_users \
-         FOR EACH ROW EXECUTE FUNCTION ivr_user_changed(); END IF; \
-       IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'ivr_users_truncated' \
-                      AND tgrelid = 'ivr_users'::regclass) THEN \
-         CREATE TRIGGER ivr_users_truncated AFTER TRUNCATE ON ivr_users \
-         FOR EACH STATEMENT EXECUTE FUNCTION ivr_user_changed(); END IF; \
-     END $do$; COMMIT;";
+/// The SQL that installs the trigger announcing changes to users on [`CHANGES_CHANNEL`]
+/// (PostgreSQL), idempotently; in one transaction under a lock, so that processes starting
+/// together do not race to create it. Not a migration: the migrations are SQL both engines run,
+/// and this is PostgreSQL's alone.
+fn install_notify() -> String {
+    format!(
+        "BEGIN; SELECT pg_advisory_xact_lock(hashtext('ivr_user_changed')); \
+         CREATE OR REPLACE FUNCTION ivr_user_changed() RETURNS trigger LANGUAGE plpgsql AS $body$ BEGIN \
+           IF TG_OP = 'TRUNCATE' THEN PERFORM pg_notify('{CHANGES_CHANNEL}', '*'); \
+           ELSE PERFORM pg_notify('{CHANGES_CHANNEL}', OLD.username); END IF; RETURN NULL; END $body$; \
+         DO $do$ BEGIN \
+           IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'ivr_user_changed' \
+                          AND tgrelid = 'ivr_users'::regclass) THEN \
+             CREATE TRIGGER ivr_user_changed AFTER UPDATE OR DELETE ON ivr_users \
+             FOR EACH ROW EXECUTE FUNCTION ivr_user_changed(); END IF; \
+           IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'ivr_users_truncated' \
+                          AND tgrelid = 'ivr_users'::regclass) THEN \
+             CREATE TRIGGER ivr_users_truncated AFTER TRUNCATE ON ivr_users \
+             FOR EACH STATEMENT EXECUTE FUNCTION ivr_user_changed(); END IF; \
+         END $do$; COMMIT;"
+    )
+}
 
 /// Longest a user query may take before the store counts as unavailable.
 const QUERY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -124,7 +129,7 @@ impl UserStore {
     pub async fn migrate(&self) -> Result<(), UserError> {
         EmbeddedMigrations(MIGRATIONS).run(&self.pool).await.map_err(unavailable)?;
         if self.postgres {
-            timed(self.pool.execute(INSTALL_NOTIFY)).await?;
+            timed(self.pool.execute(install_notify().as_str())).await?;
         }
         Ok(())
     }

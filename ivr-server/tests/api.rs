@@ -73,14 +73,20 @@ async fn token_flow_on_sqlite() {
     server.shutdown().await;
 }
 
-#[tokio::test]
-async fn token_flow_on_postgres() {
+/// A server with `vars` on a fresh schema of IVR_TEST_DATABASE_URL, and that URL; `None`
+/// (the test `name` skipped, and said so) without it.
+async fn on_postgres(name: &str, vars: &[(&str, &str)]) -> Option<(TestServer, String)> {
     let Ok(url) = std::env::var("IVR_TEST_DATABASE_URL") else {
-        let _ = writeln!(std::io::stderr(), "token_flow_on_postgres: skipped (IVR_TEST_DATABASE_URL is not set)");
-        return;
+        let _ = writeln!(std::io::stderr(), "{name}: skipped (IVR_TEST_DATABASE_URL is not set)");
+        return None;
     };
     let sql = within("postgres", ivr_core::store::conformance::postgres_in_fresh_schema(&url)).await.expect("postgres");
-    let server = TestServer::start(&[], Db::Sql(sql), Ari::Down).await;
+    Some((TestServer::start(vars, Db::Sql(sql), Ari::Down).await, url))
+}
+
+#[tokio::test]
+async fn token_flow_on_postgres() {
+    let Some((server, _)) = on_postgres("token_flow_on_postgres", &[]).await else { return };
     token_flow(&server).await;
     // Calls land in the same database: a refused originate is stored and listed.
     let token = server.mint(USER);
@@ -603,13 +609,11 @@ async fn under_steady_use_the_user_is_asked_again_before_the_bound_lapses() {
 /// enabling them lets them in again at once.
 #[tokio::test]
 async fn on_postgres_a_disabled_user_is_heard_of_at_once() {
-    let Ok(url) = std::env::var("IVR_TEST_DATABASE_URL") else {
-        let _ = writeln!(std::io::stderr(), "skipped: users heard of on PostgreSQL (IVR_TEST_DATABASE_URL is not set)");
+    let vars = [("USER_CACHE_SECONDS", "60")];
+    let Some((server, url)) = on_postgres("on_postgres_a_disabled_user_is_heard_of_at_once", &vars).await else {
         return;
     };
-    let sql = within("postgres", ivr_core::store::conformance::postgres_in_fresh_schema(&url)).await.expect("postgres");
-    let server = TestServer::start(&[("USER_CACHE_SECONDS", "60")], Db::Sql(sql), Ari::Down).await;
-    let hearing = tokio::spawn(ivr_server::user_changes::follow(server.state.clone(), url));
+    let hearing = tokio::spawn(ivr_server::user_changes::follow(server.state.clone(), url, std::future::pending()));
     within("the first heartbeat", async {
         while !server.state.enabled_users().is_hearing() {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -651,15 +655,15 @@ async fn on_postgres_a_disabled_user_is_heard_of_at_once() {
 /// as without it.
 #[tokio::test]
 async fn on_postgres_a_connection_that_hears_nothing_is_not_trusted() {
-    let Ok(url) = std::env::var("IVR_TEST_DATABASE_URL") else {
-        let _ = writeln!(std::io::stderr(), "skipped: a silent LISTEN connection (IVR_TEST_DATABASE_URL is not set)");
+    let vars = [("USER_CACHE_SECONDS", "1")];
+    let Some((server, url)) = on_postgres("on_postgres_a_connection_that_hears_nothing_is_not_trusted", &vars).await
+    else {
         return;
     };
-    let sql = within("postgres", ivr_core::store::conformance::postgres_in_fresh_schema(&url)).await.expect("postgres");
-    let server = TestServer::start(&[("USER_CACHE_SECONDS", "1")], Db::Sql(sql), Ari::Down).await;
     let mut elsewhere = reqwest::Url::parse(&url).expect("IVR_TEST_DATABASE_URL");
     elsewhere.set_path("/postgres");
-    let hearing = tokio::spawn(ivr_server::user_changes::follow(server.state.clone(), elsewhere.to_string()));
+    let follow = ivr_server::user_changes::follow(server.state.clone(), elsewhere.to_string(), std::future::pending());
+    let hearing = tokio::spawn(follow);
     within("the silence to be noticed", async {
         while !logs().contains("nothing heard for") {
             tokio::time::sleep(Duration::from_millis(50)).await;
