@@ -10,13 +10,14 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{HeaderValue, CACHE_CONTROL, CONTENT_TYPE, LOCATION, PRAGMA};
+use hyper::header::{HeaderValue, AUTHORIZATION, CACHE_CONTROL, CONTENT_TYPE, LOCATION, PRAGMA};
 use hyper::http::request::Parts;
-use hyper::{Request, Response, StatusCode};
+use hyper::{HeaderMap, Request, Response, StatusCode};
 use ivr_core::CallId;
+use tokio::time::Instant;
 
 use crate::body::{self, full, Body};
-use crate::cache::Checked;
+use crate::cache::{Checked, LastToken};
 use crate::fields::{IdempotencyKey, PhoneText};
 use crate::problem::Problem;
 use crate::request::{CallBody, CallOptions, ListQuery, TokenForm};
@@ -54,21 +55,39 @@ pub async fn handle(state: &AppState, peer: IpAddr, request: Request<Incoming>) 
 /// (`kept_answer`). Such an answer is exactly what [`handle`] would give; `None` for every
 /// other request, which [`handle`] then answers (a failure, too, is left to it). The server
 /// tries this first, so the status path carries no future (see `server::respond`).
-pub fn answer_at_once(state: &AppState, request: &Request<Incoming>) -> Option<(&'static str, Response<Body>)> {
+pub fn answer_at_once(
+    state: &AppState,
+    last_token: &LastToken,
+    now: Instant,
+    request: &Request<Incoming>,
+) -> Option<(&'static str, Response<Body>)> {
     let route = router::route(request.method(), request.uri().path()).ok()?;
     let response = match &route {
         Route::Healthz => healthz(),
         Route::GetCall { call_id } | Route::Status { call_id } => {
-            let token = crate::auth::bearer(request.headers()).ok()?;
-            let sub = state.verified_tokens().get(token, crate::auth::unix_now())?;
+            let sub = known_caller(state, last_token, request.headers(), now)?;
             if state.users().is_some() && !user_is_fresh(state, &sub) {
                 return None;
             }
-            body::json_bytes(StatusCode::OK, kept_answer(state, parse_call_id(call_id).ok()?)?)
+            body::json_bytes(StatusCode::OK, kept_answer(state, parse_call_id(call_id).ok()?, now)?)
         }
         _ => return None,
     };
     Some((route.template(), response))
+}
+
+/// The subject of the request's token if it is known as verified, without verifying it: the
+/// one this connection's last request was let in with, or one the token cache holds (which
+/// the connection then remembers).
+fn known_caller(state: &AppState, last_token: &LastToken, headers: &HeaderMap, now: Instant) -> Option<Arc<str>> {
+    let header = headers.get(AUTHORIZATION)?.as_bytes();
+    if let Some(sub) = last_token.get(header, now) {
+        return Some(sub);
+    }
+    let token = crate::auth::bearer(headers).ok()?;
+    let (sub, exp) = state.verified_tokens().get(token, crate::auth::unix_now())?;
+    last_token.set(header, Arc::clone(&sub), exp, now);
+    Some(sub)
 }
 
 async fn answer(
@@ -189,7 +208,7 @@ async fn ask_users_table(state: &AppState, users: &UserStore, sub: &str) -> Opti
 /// The subject of a valid token: remembered, or verified now and remembered until its `exp`.
 fn caller(state: &AppState, token: &str) -> Result<Arc<str>, Problem> {
     let now = crate::auth::unix_now();
-    if let Some(sub) = state.verified_tokens().get(token, now) {
+    if let Some((sub, _)) = state.verified_tokens().get(token, now) {
         return Ok(sub);
     }
     let (sub, exp) = state.tokens().verify_claims(token)?;
@@ -433,7 +452,7 @@ pub(crate) async fn list_calls(state: &AppState, parts: &Parts) -> Result<Respon
     ))]
 pub(crate) async fn get_call(state: &AppState, call_id: &str) -> Result<Response<Body>, Problem> {
     let call_id = parse_call_id(call_id)?;
-    if let Some(answer) = kept_answer(state, call_id) {
+    if let Some(answer) = kept_answer(state, call_id, Instant::now()) {
         return Ok(body::json_bytes(StatusCode::OK, answer));
     }
     let live = state.manager().live_version(call_id);
@@ -450,8 +469,8 @@ pub(crate) async fn get_call(state: &AppState, call_id: &str) -> Result<Response
 
 /// The call's answer as memory keeps it (cache.rs), if it does: an ended call's (it never
 /// changes), or a live call's while the call is still at the version the answer shows.
-fn kept_answer(state: &AppState, call_id: CallId) -> Option<Bytes> {
-    if let Some(answer) = state.answers().get(call_id) {
+fn kept_answer(state: &AppState, call_id: CallId, now: Instant) -> Option<Bytes> {
+    if let Some(answer) = state.answers().get(call_id, now) {
         return Some(answer);
     }
     let version = state.manager().live_version(call_id)?;

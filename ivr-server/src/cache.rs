@@ -23,10 +23,15 @@
 //!   remembered until its `exp` (at most [`TOKEN_CACHE_ENTRIES`] tokens). The verification's
 //!   outcome cannot change before `exp`: the key, the algorithm, issuer and audience are fixed
 //!   for the process, and `nbf`/`iat` only ever become more valid with time.
+//! - [`LastToken`]: per connection, the `Authorization` value its last at-once request was let
+//!   in with, and until when (its token's `exp`), as the token cache had it. A client sends the
+//!   same header on every request of a connection, so comparing bytes replaces parsing the
+//!   header and hashing the token into the shared cache; the promise is the token cache's.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 // foldhash rather than SipHash: every key is a call id or token this process made or verified
 // (so no one can choose colliding keys), and SipHash was a tenth of a cached GET's own work.
@@ -78,7 +83,7 @@ pub struct AnswerCache {
 
 #[derive(Debug, Default)]
 struct Answers {
-    /// Each body with the instant it was kept.
+    /// Each body with the instant it is no longer served ([`ANSWER_MAX_AGE`] after it was kept).
     bodies: HashMap<CallId, (Bytes, Instant)>,
     /// Insertion order, for eviction.
     order: VecDeque<CallId>,
@@ -90,15 +95,16 @@ impl AnswerCache {
         AnswerCache { limit, inner: Mutex::new(Answers::default()) }
     }
 
-    pub fn get(&self, call_id: CallId) -> Option<Bytes> {
+    /// The answer kept for `call_id`, unless it is [`ANSWER_MAX_AGE`] old at `now`.
+    pub fn get(&self, call_id: CallId, now: Instant) -> Option<Bytes> {
         if self.limit == 0 {
             return None;
         }
         let inner = lock(&self.inner);
-        let (body, kept) = inner.bodies.get(&call_id)?;
+        let (body, until) = inner.bodies.get(&call_id)?;
         // Past its age the entry is left for eviction; the caller reads the store again and
         // keeps the fresh answer in its place.
-        (kept.elapsed() < ANSWER_MAX_AGE).then(|| body.clone())
+        (now < *until).then(|| body.clone())
     }
 
     /// Keeps the answer of an ended call. The caller vouches that the call is terminal.
@@ -120,7 +126,7 @@ impl AnswerCache {
         }
         inner.bytes += body.len();
         inner.order.push_back(call_id);
-        inner.bodies.insert(call_id, (body, Instant::now()));
+        inner.bodies.insert(call_id, (body, Instant::now() + ANSWER_MAX_AGE));
     }
 
     /// Bytes of bodies kept now.
@@ -372,9 +378,10 @@ impl TokenCache {
         Self::default()
     }
 
-    /// The subject of `token` if it was verified and `now` (seconds since the epoch) is before its `exp`.
-    pub fn get(&self, token: &str, now: u64) -> Option<Arc<str>> {
-        lock(&self.verified).get(token).filter(|v| now < v.exp).map(|v| v.sub.clone())
+    /// The subject of `token` and its `exp`, if it was verified and `now` (seconds since the
+    /// epoch) is before that `exp`.
+    pub fn get(&self, token: &str, now: u64) -> Option<(Arc<str>, u64)> {
+        lock(&self.verified).get(token).filter(|v| now < v.exp).map(|v| (v.sub.clone(), v.exp))
     }
 
     /// Remembers a verified token. When full, the expired ones go; if none has, nothing is added.
@@ -401,6 +408,37 @@ impl TokenCache {
     }
 }
 
+/// One connection's last token let in at once, with its subject (see the module doc). Not
+/// shared between connections, so it needs no lock.
+#[derive(Debug, Default)]
+pub struct LastToken(RefCell<Option<Known>>);
+
+#[derive(Debug)]
+struct Known {
+    /// The whole `Authorization` value, as sent.
+    header: Box<[u8]>,
+    sub: Arc<str>,
+    /// The token's `exp`, on the clock requests are timed by.
+    until: Instant,
+}
+
+impl LastToken {
+    /// The subject of `header` (an `Authorization` value) if it is the one remembered and
+    /// `now` is before its token's `exp`.
+    pub fn get(&self, header: &[u8], now: Instant) -> Option<Arc<str>> {
+        let known = self.0.borrow();
+        let known = known.as_ref().filter(|k| *k.header == *header && now < k.until)?;
+        Some(Arc::clone(&known.sub))
+    }
+
+    /// Remembers `header`, whose token the [`TokenCache`] holds as verified for `sub` until
+    /// `exp` (seconds since the epoch), in place of the one before.
+    pub fn set(&self, header: &[u8], sub: Arc<str>, exp: u64, now: Instant) {
+        let left = (UNIX_EPOCH + Duration::from_secs(exp)).duration_since(SystemTime::now()).unwrap_or_default();
+        *self.0.borrow_mut() = Some(Known { header: header.into(), sub, until: now + left });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,15 +456,16 @@ mod tests {
             assert!(cache.bytes() <= 100, "{} bytes kept", cache.bytes());
         }
         assert_eq!(cache.len(), 3);
-        assert!(cache.get(ids[0]).is_none() && cache.get(ids[1]).is_none());
-        assert_eq!(cache.get(ids[4]).unwrap().len(), 30);
+        let now = Instant::now();
+        assert!(cache.get(ids[0], now).is_none() && cache.get(ids[1], now).is_none());
+        assert_eq!(cache.get(ids[4], now).unwrap().len(), 30);
         // A body larger than the whole bound is not kept, and evicts nothing.
         cache.insert_ended(id(), Bytes::from(vec![b'x'; 101]));
         assert_eq!(cache.len(), 3);
         // Off: nothing kept.
         let off = AnswerCache::new(0);
         off.insert_ended(ids[0], Bytes::from_static(b"{}"));
-        assert!(off.get(ids[0]).is_none());
+        assert!(off.get(ids[0], now).is_none());
     }
 
     #[test]
@@ -456,12 +495,12 @@ mod tests {
         let call = id();
         cache.insert_ended(call, Bytes::from_static(b"{\"v\":1}"));
         tokio::time::advance(ANSWER_MAX_AGE - Duration::from_secs(1)).await;
-        assert!(cache.get(call).is_some());
+        assert!(cache.get(call, Instant::now()).is_some());
         tokio::time::advance(Duration::from_secs(1)).await;
-        assert!(cache.get(call).is_none(), "a call purged meanwhile must be read from the store");
+        assert!(cache.get(call, Instant::now()).is_none(), "a call purged meanwhile must be read from the store");
         // Read again and kept again: served again, counted once.
         cache.insert_ended(call, Bytes::from_static(b"{\"v\":2}"));
-        assert_eq!(cache.get(call).as_deref(), Some(&b"{\"v\":2}"[..]));
+        assert_eq!(cache.get(call, Instant::now()).as_deref(), Some(&b"{\"v\":2}"[..]));
         assert_eq!((cache.len(), cache.bytes()), (1, 7));
     }
 
@@ -469,7 +508,7 @@ mod tests {
     fn tokens_are_remembered_until_their_exp_and_bounded() {
         let cache = TokenCache::new();
         cache.insert("a.b.c", "alice", 1_000, 900);
-        assert_eq!(cache.get("a.b.c", 999).as_deref(), Some("alice"));
+        assert_eq!(cache.get("a.b.c", 999).map(|(sub, exp)| (sub.to_string(), exp)), Some(("alice".into(), 1_000)));
         assert_eq!(cache.get("a.b.c", 1_000), None, "not at or after exp");
         assert_eq!(cache.get("a.b.d", 999), None);
         for i in 0..TOKEN_CACHE_ENTRIES + 10 {
@@ -478,7 +517,27 @@ mod tests {
         assert!(cache.len() <= TOKEN_CACHE_ENTRIES);
         // Once the old ones expire, new ones are let in again.
         cache.insert("late", "carol", 5_000, 3_000);
-        assert_eq!(cache.get("late", 3_001).as_deref(), Some("carol"));
+        assert_eq!(cache.get("late", 3_001).map(|(sub, _)| sub).as_deref(), Some("carol"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connections_last_token_is_its_own_until_its_exp() {
+        let last = LastToken::default();
+        let now = Instant::now();
+        assert_eq!(last.get(b"Bearer a.b.c", now), None, "nothing remembered yet");
+        let exp = crate::auth::unix_now() + 60;
+        last.set(b"Bearer a.b.c", Arc::from("alice"), exp, now);
+        assert_eq!(last.get(b"Bearer a.b.c", now).as_deref(), Some("alice"));
+        assert_eq!(last.get(b"Bearer a.b.d", now), None, "another token is not this one");
+        assert_eq!(last.get(b"Bearer a.b.", now), None, "nor a prefix of it");
+        tokio::time::advance(Duration::from_secs(58)).await;
+        assert_eq!(last.get(b"Bearer a.b.c", Instant::now()).as_deref(), Some("alice"));
+        tokio::time::advance(Duration::from_secs(2)).await;
+        assert_eq!(last.get(b"Bearer a.b.c", Instant::now()), None, "not at or after exp");
+        // A new token takes its place.
+        last.set(b"Bearer x.y.z", Arc::from("bob"), exp + 60, Instant::now());
+        assert_eq!(last.get(b"Bearer a.b.c", Instant::now()), None);
+        assert_eq!(last.get(b"Bearer x.y.z", Instant::now()).as_deref(), Some("bob"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -63,7 +63,8 @@ impl HttpMetrics {
         let seconds = elapsed.as_secs_f64();
         // A route of the table, with its own method: its series, once looked up. Anything else
         // (unmatched, a method the path does not allow) is rare and looked up each time.
-        match ROUTES.iter().position(|(m, template)| m == method && *template == route) {
+        // Searched from the end, where the table lists the busiest routes (a call's GETs).
+        match ROUTES.iter().rposition(|(m, template)| m == method && *template == route) {
             Some(i) => {
                 let series = &self.routes[i];
                 series.requests[class]

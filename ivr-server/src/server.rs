@@ -32,7 +32,7 @@ use std::net::IpAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::future::Either;
 use futures_util::FutureExt;
@@ -42,14 +42,15 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use ivr_core::CallManager;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
 
 use crate::body::Body;
+use crate::cache::LastToken;
 use crate::client::{address_key, TrustedProxies};
-use crate::conn::{self, Guarded, HeadWait};
+use crate::conn::{self, Cut, Guarded, HeadWait, Served};
 use crate::problem::Problem;
 use crate::AppState;
 
@@ -138,7 +139,8 @@ impl Drop for Slot {
 
 /// Serves the API on `listener` until `shutdown` completes, then drains (see the module doc).
 pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future<Output = ()>) -> std::io::Result<()> {
-    let graceful = GracefulShutdown::new();
+    // Told to every connection at shutdown; closed once the last connection has ended.
+    let (closing, _) = watch::channel(false);
     tokio::pin!(shutdown);
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "listening");
@@ -199,26 +201,33 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         let wait = HeadWait::new(&awaiting_first);
         let service = service_fn({
             let wait = Arc::clone(&wait);
+            let caller = Caller::new(peer.ip());
             move |request: Request<Incoming>| {
                 wait.head_arrived();
                 let wait = Arc::clone(&wait);
-                respond(&state, peer.ip(), request).map(move |answer| answer.map(|r| r.map(|body| wait.track(body))))
+                respond(&state, &caller, request).map(move |answer| answer.map(|r| r.map(|body| wait.track(body))))
             }
         });
         let (io, returned) = Guarded::new(stream);
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
-        open.inc();
-        let header_read_timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
-            tokio::select! {
-                biased;
-                ended = connection => if let Err(e) = ended {
-                    tracing::debug!(error = %e, "connection ended with an error");
-                },
-                () = wait.expired(header_read_timeout) => {
-                    tracing::debug!("no request head within HEADER_READ_TIMEOUT_SECONDS; connection closed");
+        let connection = builder.serve_connection(TokioIo::new(io), service);
+        let (watching, mut told) = (closing.subscribe(), closing.subscribe());
+        let cuts = {
+            let (wait, timeout) = (Arc::clone(&wait), limits.header_read_timeout);
+            async move {
+                tokio::select! {
+                    () = wait.expired(timeout) => Cut::HeadTimeout,
+                    _ = told.wait_for(|closing| *closing) => Cut::Stopping,
                 }
             }
+        };
+        open.inc();
+        tokio::spawn(async move {
+            match Served::new(connection, cuts).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::debug!(error = %e, "connection ended with an error"),
+                Err(_) => tracing::debug!("no request head within HEADER_READ_TIMEOUT_SECONDS; connection closed"),
+            }
+            drop(watching);
             wait.ended();
             conn::linger(returned).await;
             open.dec();
@@ -228,15 +237,16 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
     drop(listener);
     // A connection accepted just before the shutdown has its first request on the wire: let
     // it be read and answered rather than close the connection unanswered.
-    let waiting_since = tokio::time::Instant::now();
+    let waiting_since = Instant::now();
     while awaiting_first.load(Ordering::SeqCst) > 0 && waiting_since.elapsed() < FIRST_REQUEST_WAIT {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     state.begin_closing();
     let grace = state.options().shutdown_grace;
     tracing::info!(?grace, "shutting down: no new connections; finishing requests in flight");
+    closing.send_replace(true);
     tokio::select! {
-        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = closing.closed() => tracing::info!("all connections closed"),
         () = tokio::time::sleep(grace) => tracing::warn!("requests still in flight after the grace period were cut"),
     }
     Ok(())
@@ -272,6 +282,20 @@ fn refuse(
     }
 }
 
+/// Who calls on one connection: the peer's address, and the token its last request was let in
+/// with ([`LastToken`]). One per connection, made when it is accepted.
+#[derive(Debug)]
+pub struct Caller {
+    peer: IpAddr,
+    last_token: LastToken,
+}
+
+impl Caller {
+    pub fn new(peer: IpAddr) -> Self {
+        Caller { peer, last_token: LastToken::default() }
+    }
+}
+
 /// One request: the answer, its metrics and its log line. A panic in a handler is a 500.
 /// This is the service of every connection [`serve`] accepts (the benches call it in-process).
 ///
@@ -284,18 +308,19 @@ fn refuse(
 /// [`api::handle`]: crate::api::handle
 pub fn respond(
     state: &AppState,
-    peer: IpAddr,
+    caller: &Caller,
     request: Request<Incoming>,
 ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
     let started = Instant::now();
-    let answered = match std::panic::catch_unwind(AssertUnwindSafe(|| crate::api::answer_at_once(state, &request))) {
+    let at_once = || crate::api::answer_at_once(state, &caller.last_token, started, &request);
+    let answered = match std::panic::catch_unwind(AssertUnwindSafe(at_once)) {
         Ok(answered) => answered,
         Err(_) => Some(panicked(request.method())),
     };
     if let Some((route, response)) = answered {
         return Either::Left(ready(Ok(finish(state, request.method(), route, started, response))));
     }
-    let state = state.clone();
+    let (state, peer) = (state.clone(), caller.peer);
     Either::Right(Box::pin(async move {
         let method = request.method().clone();
         let (route, response) = match AssertUnwindSafe(crate::api::handle(&state, peer, request)).catch_unwind().await {
@@ -345,12 +370,12 @@ pub async fn follow_calls(
     manager
         .run(async move {
             shutdown.await;
-            let deadline = tokio::time::Instant::now() + drain;
+            let deadline = Instant::now() + drain;
             let live = watcher.active_calls();
             if live > 0 {
                 tracing::info!(live, ?drain, "following live calls until they end");
             }
-            while watcher.active_calls() > 0 && tokio::time::Instant::now() < deadline {
+            while watcher.active_calls() > 0 && Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
             let left = watcher.active_calls();
