@@ -78,7 +78,8 @@ async fn rig(stores: Stores, vars: &[(&str, &str)], ids: Vec<CallId>) -> Rig {
     tokio::spawn(async move {
         // The server's own service (`serve` gives it every request): metrics and access log
         // included, as over a socket.
-        let caller = ivr_server::server::Caller::new(std::net::Ipv4Addr::LOCALHOST.into());
+        let wait = ivr_server::conn::HeadWait::new(&Default::default());
+        let caller = ivr_server::server::Caller::new(std::net::Ipv4Addr::LOCALHOST.into(), wait);
         let service = hyper::service::service_fn(move |request| ivr_server::server::respond(&state, &caller, request));
         let _ = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(server_io), service).await;
     });

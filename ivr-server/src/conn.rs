@@ -20,6 +20,7 @@
 //!   last answer (a 431, a 503) is read by the client rather than lost to a TCP reset, as
 //!   RFC 9112 section 9.6 advises.
 
+use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -29,6 +30,7 @@ use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
+use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body as HttpBody, Bytes, Frame, SizeHint};
 use hyper_util::server::graceful::GracefulConnection;
 
@@ -37,7 +39,8 @@ use tokio::net::TcpStream;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 
-use crate::body::Body;
+/// A streamed body (Server-Sent Events).
+type Stream = UnsyncBoxBody<Bytes, Infallible>;
 
 /// How long a write may wait on a client that does not read.
 pub const WRITE_STALL: Duration = Duration::from_secs(30);
@@ -129,9 +132,10 @@ impl AsyncWrite for Guarded {
 }
 
 /// Where one connection stands between requests (see the module doc). Its service counts each
-/// head as it arrives ([`HeadWait::head_arrived`]); each answer's body, wrapped by
-/// [`HeadWait::track`], marks when it ended. The connection waits for a head when as many
-/// answers ended as heads arrived.
+/// head as it arrives ([`HeadWait::head_arrived`]) and each answer as it ends
+/// ([`HeadWait::answered`]: a whole answer once made, as hyper takes it at once; a stream,
+/// wrapped by [`HeadWait::track`], once hyper drops it). The connection waits for a head when
+/// as many answers ended as heads arrived.
 ///
 /// It is also counted in the server's number of connections still waiting for their first
 /// head (which a shutdown gives a moment to arrive), until that head arrives or
@@ -175,8 +179,16 @@ impl HeadWait {
         }
     }
 
-    /// The answer to the head that arrived last, whose end starts the wait for the next.
-    pub fn track(self: &Arc<Self>, body: Body) -> Tracked {
+    /// The answer to the head that arrived last ended `at`: the wait for the next head starts.
+    pub fn answered(&self, at: Instant) {
+        let since = u64::try_from(at.saturating_duration_since(self.opened).as_nanos()).unwrap_or(u64::MAX);
+        self.last_answer.store(since, Ordering::Relaxed);
+        self.answered.fetch_add(1, Ordering::Release);
+    }
+
+    /// A streamed answer to the head that arrived last, which has [`answered`](Self::answered)
+    /// when hyper drops it.
+    pub fn track(self: &Arc<Self>, body: Stream) -> Tracked {
         Tracked { body, wait: Arc::clone(self) }
     }
 
@@ -204,16 +216,16 @@ impl HeadWait {
     }
 }
 
-/// An answer's body, which marks the end of the answer when hyper drops it (once it is
+/// A streamed answer's body, which marks the end of the answer when hyper drops it (once it is
 /// written, or the connection ends).
 pub struct Tracked {
-    body: Body,
+    body: Stream,
     wait: Arc<HeadWait>,
 }
 
 impl HttpBody for Tracked {
     type Data = Bytes;
-    type Error = <Body as HttpBody>::Error;
+    type Error = Infallible;
 
     fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         Pin::new(&mut self.get_mut().body).poll_frame(cx)
@@ -230,10 +242,7 @@ impl HttpBody for Tracked {
 
 impl Drop for Tracked {
     fn drop(&mut self) {
-        let wait = &self.wait;
-        let since = u64::try_from(wait.opened.elapsed().as_nanos()).unwrap_or(u64::MAX);
-        wait.last_answer.store(since, Ordering::Relaxed);
-        wait.answered.fetch_add(1, Ordering::Release);
+        self.wait.answered(Instant::now());
     }
 }
 

@@ -238,6 +238,25 @@ mod tests {
             .replace("{file}", "docs.js")
     }
 
+    proptest::proptest! {
+        /// The word-at-a-time split finds what `str::split` would, at every offset within and
+        /// across its eight-byte words (`/`, `%` and multi-byte characters anywhere).
+        #[test]
+        fn segments_are_found_as_str_split_finds_them(rest in "[a/%é-]{0,40}") {
+            let mut out = [""; MAX_SEGMENTS];
+            let expected: Vec<&str> = rest.split('/').collect();
+            let valid = expected.len() <= MAX_SEGMENTS && !expected.contains(&"");
+            match split(&rest, &mut out) {
+                Some((count, escaped)) => {
+                    proptest::prop_assert!(valid, "{rest:?} split as {:?}", &out[..count]);
+                    proptest::prop_assert_eq!(&out[..count], &expected[..]);
+                    proptest::prop_assert_eq!(escaped, rest.contains('%'));
+                }
+                None => proptest::prop_assert!(!valid, "{rest:?} refused"),
+            }
+        }
+    }
+
     #[test]
     fn every_listed_route_matches_with_its_own_template() {
         for (method, template) in ROUTES {

@@ -199,15 +199,8 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         let state = state.clone();
         let open = state.guard_metrics().connections_open.clone();
         let wait = HeadWait::new(&awaiting_first);
-        let service = service_fn({
-            let wait = Arc::clone(&wait);
-            let caller = Caller::new(peer.ip());
-            move |request: Request<Incoming>| {
-                wait.head_arrived();
-                let wait = Arc::clone(&wait);
-                respond(&state, &caller, request).map(move |answer| answer.map(|r| r.map(|body| wait.track(body))))
-            }
-        });
+        let caller = Caller::new(peer.ip(), Arc::clone(&wait));
+        let service = service_fn(move |request: Request<Incoming>| respond(&state, &caller, request));
         let (io, returned) = Guarded::new(stream);
         let connection = builder.serve_connection(TokioIo::new(io), service);
         let (watching, mut told) = (closing.subscribe(), closing.subscribe());
@@ -282,17 +275,18 @@ fn refuse(
     }
 }
 
-/// Who calls on one connection: the peer's address, and the token its last request was let in
-/// with ([`LastToken`]). One per connection, made when it is accepted.
-#[derive(Debug)]
+/// Who calls on one connection: the peer's address, the token its last request was let in
+/// with ([`LastToken`]), and where it stands between requests ([`HeadWait`]). One per
+/// connection, made when it is accepted.
 pub struct Caller {
     peer: IpAddr,
     last_token: LastToken,
+    wait: Arc<HeadWait>,
 }
 
 impl Caller {
-    pub fn new(peer: IpAddr) -> Self {
-        Caller { peer, last_token: LastToken::default() }
+    pub fn new(peer: IpAddr, wait: Arc<HeadWait>) -> Self {
+        Caller { peer, last_token: LastToken::default(), wait }
     }
 }
 
@@ -311,6 +305,7 @@ pub fn respond(
     caller: &Caller,
     request: Request<Incoming>,
 ) -> impl Future<Output = Result<Response<Body>, Infallible>> + Send + 'static {
+    caller.wait.head_arrived();
     let started = Instant::now();
     let at_once = || crate::api::answer_at_once(state, &caller.last_token, started, &request);
     let answered = match std::panic::catch_unwind(AssertUnwindSafe(at_once)) {
@@ -318,16 +313,16 @@ pub fn respond(
         Err(_) => Some(panicked(request.method())),
     };
     if let Some((route, response)) = answered {
-        return Either::Left(ready(Ok(finish(state, request.method(), route, started, response))));
+        return Either::Left(ready(Ok(finish(state, &caller.wait, request.method(), route, started, response))));
     }
-    let (state, peer) = (state.clone(), caller.peer);
+    let (state, peer, wait) = (state.clone(), caller.peer, Arc::clone(&caller.wait));
     Either::Right(Box::pin(async move {
         let method = request.method().clone();
         let (route, response) = match AssertUnwindSafe(crate::api::handle(&state, peer, request)).catch_unwind().await {
             Ok(answer) => answer,
             Err(_) => panicked(&method),
         };
-        Ok(finish(&state, &method, route, started, response))
+        Ok(finish(&state, &wait, &method, route, started, response))
     }))
 }
 
@@ -336,9 +331,11 @@ fn panicked(method: &Method) -> (&'static str, Response<Body>) {
     ("unmatched", Problem::new("internal", "the server failed to answer; this has been logged").into_response())
 }
 
-/// Counts and logs an answer.
+/// Counts and logs an answer, and tells the connection's head wait when it ends: a whole one
+/// now (hyper takes it at once), a stream when hyper drops it.
 fn finish(
     state: &AppState,
+    wait: &Arc<HeadWait>,
     method: &Method,
     route: &'static str,
     started: Instant,
@@ -355,7 +352,13 @@ fn finish(
         latency_ms = elapsed.as_secs_f64() * 1000.0,
         "request"
     );
-    response
+    response.map(|body| match body {
+        http_body_util::Either::Right(stream) => crate::body::stream(wait.track(stream)),
+        whole => {
+            wait.answered(started + elapsed);
+            whole
+        }
+    })
 }
 
 /// Runs the manager's event loop. When `shutdown` completes, live calls are still followed
