@@ -213,9 +213,11 @@ fn backoff(config: &AriConfig, failures: u32) -> Duration {
 
 /// The most one read of the event socket takes in. tungstenite zero-fills the room for a read
 /// before every read, even one that finds nothing: its default of 128 KiB was a 128 KiB memset
-/// per wakeup, 5% of ivr's CPU at 1,000 calls a second (perf). An event is 1–2 KB; a larger
+/// per wakeup, 5% of ivr's CPU at 1,000 calls a second (perf); at 16 KiB the memset was still
+/// 18% of a create's instructions under callgrind (which counts `rep stosb` byte by byte, so
+/// less of its time). An event is 1–2 KB, as the fake's own socket reads them; a larger
 /// message is still read whole, in several reads.
-const READ_BUFFER_BYTES: usize = 16 * 1024;
+const READ_BUFFER_BYTES: usize = 4 * 1024;
 
 type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
