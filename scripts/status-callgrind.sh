@@ -10,8 +10,9 @@
 # seeds CALLS calls, reads each once, then counts only the load phase (callgrind_control -z,
 # then -d): wrk -t1 -c4 for DURATION s of GET /api/v1/status/{id} with random ids and a valid
 # token. Then the baseline the same way, with a body of the same size, and prints instructions a
-# request for each and their ratio. Keeps the profiles in OUT (a temporary folder by default);
-# `callgrind_annotate OUT/ivr.PID.1` (the load phase) shows where they go. Loopback only; it stops what it starts.
+# request for each and their ratio. Keeps the profiles in OUT (a temporary folder by default):
+# `callgrind_annotate OUT/ivr.PID.1` (the load phase) shows where they go. Loopback only; it
+# stops what it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

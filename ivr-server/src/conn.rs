@@ -267,7 +267,6 @@ pub struct Served<C> {
 }
 
 /// A waker for the futures beside the connection: notes that it was them, and wakes the task.
-#[derive(Default)]
 struct Woken {
     flag: AtomicBool,
     task: AtomicWaker,

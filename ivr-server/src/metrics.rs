@@ -63,7 +63,8 @@ impl HttpMetrics {
         let seconds = elapsed.as_secs_f64();
         // A route of the table, with its own method: its series, once looked up. Anything else
         // (unmatched, a method the path does not allow) is rare and looked up each time.
-        // Searched from the end, where the table lists the busiest routes (a call's GETs).
+        // Searched from the end: the status GET is the table's last route, the call's GET
+        // five before it.
         match ROUTES.iter().rposition(|(m, template)| m == method && *template == route) {
             Some(i) => {
                 let series = &self.routes[i];

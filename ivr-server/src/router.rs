@@ -194,7 +194,7 @@ fn split<'a>(rest: &'a str, out: &mut [&'a str; MAX_SEGMENTS]) -> Option<(usize,
     const API: &str = "api/v1/";
     let (mut count, mut start) = match rest.starts_with(API) {
         true => {
-            (out[0], out[1]) = (&rest[..3], &rest[4..6]);
+            (out[0], out[1]) = ("api", "v1");
             (2, API.len())
         }
         false => (0, 0),
