@@ -113,7 +113,7 @@ async fn every_rest_call_against_the_fake() {
     until_event(&mut events, "ChannelDestroyed", &id).await;
 }
 
-/// An event far larger than one read of the socket (ari/stream.rs reads 16 KiB at a time)
+/// An event far larger than one read of the socket (ari/stream.rs reads 4 KiB at a time)
 /// arrives whole: here a StasisStart whose argument is 50 KB (about as long as a URI may be).
 #[tokio::test]
 async fn an_event_larger_than_a_read_arrives_whole() {
@@ -227,6 +227,63 @@ async fn refused_credentials_are_reported_and_retried() {
     }
     fake.refuse_credentials(false);
     assert_eq!(connected(&mut events).await, 1);
+}
+
+/// The event types of one call to `number`, in order, until its callee half is destroyed.
+async fn kinds_of_a_call(ari: &AriClient, events: &mut EventStream, number: &str) -> Vec<String> {
+    let id = uuid::Uuid::new_v4().to_string();
+    within("originate", ari.originate(&originate(number, &id))).await.unwrap();
+    let callee = format!("{id};2");
+    let mut kinds = Vec::new();
+    loop {
+        if let StreamItem::Event(event) = next_item(events).await {
+            let Some(channel) = event.channel_id().filter(|c| c.starts_with(&id)) else { continue };
+            let last = event.kind() == "ChannelDestroyed" && channel == callee;
+            kinds.push(event.kind().to_owned());
+            if last {
+                return kinds;
+            }
+        }
+    }
+}
+
+/// `PUT /applications/{app}/eventFilter`: once set, only the allowed types come (even
+/// ApplicationReplaced is filtered, as Asterisk does); an empty list lets every type through
+/// again; an application Asterisk does not know is 404.
+#[tokio::test]
+async fn an_event_filter_lets_only_the_allowed_types_through() {
+    let fake = fake().await;
+    let ari = AriClient::new(config(&fake)).unwrap();
+    let mut events = EventStream::connect(config(&fake)).unwrap();
+    connected(&mut events).await;
+    let busy = "+15550000002";
+    let everything = kinds_of_a_call(&ari, &mut events, busy).await;
+    assert!(everything.iter().any(|k| k == "ChannelDialplan"), "{everything:?}");
+
+    within("filter", ari.filter_events("ivr", &["Dial", "ChannelDestroyed"])).await.unwrap();
+    let shown = fake.application("ivr").expect("the app");
+    assert_eq!(shown["events_allowed"], serde_json::json!([{"type": "Dial"}, {"type": "ChannelDestroyed"}]));
+    assert_eq!(shown["events_disallowed"], serde_json::json!([]));
+    let filtered = kinds_of_a_call(&ari, &mut events, busy).await;
+    let expected: Vec<&String> = everything.iter().filter(|k| *k == "Dial" || *k == "ChannelDestroyed").collect();
+    assert_eq!(filtered.iter().collect::<Vec<_>>(), expected, "the same events, the others left out");
+
+    // Another socket takes the app over: the old one is not told (not an allowed type).
+    let mut second = EventStream::connect(config(&fake)).unwrap();
+    connected(&mut second).await;
+    // (The fake queues ApplicationReplaced as it takes the second socket in, before that one
+    // is told it is connected: had it been sent, it would be here at once.)
+    let told = tokio::time::timeout(Duration::from_millis(300), events.next()).await;
+    assert!(told.is_err(), "the replaced socket heard {told:?}");
+    drop(events);
+
+    within("no filter", ari.filter_events("ivr", &[])).await.unwrap();
+    assert_eq!(kinds_of_a_call(&ari, &mut second, busy).await, everything, "every type again");
+
+    match within("unknown app", ari.filter_events("nobody", &["Dial"])).await {
+        Err(AriError::NotFound { message }) => assert_eq!(message, "Application not found"),
+        other => panic!("expected 404, got {other:?}"),
+    }
 }
 
 #[tokio::test]

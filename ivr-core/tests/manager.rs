@@ -218,6 +218,48 @@ async fn as_is(rig: Rig, call: Call) -> (Rig, Call) {
     (rig, call)
 }
 
+/// The types the engine follows, as it asks Asterisk for them after every connect.
+const FOLLOWED: [&str; 9] = [
+    "StasisStart",
+    "StasisEnd",
+    "ChannelStateChange",
+    "Dial",
+    "ChannelHangupRequest",
+    "ChannelDestroyed",
+    "PlaybackStarted",
+    "PlaybackFinished",
+    "ApplicationReplaced",
+];
+
+/// Waits until the fake's application shows the engine's event filter.
+async fn until_filtered(fake: &FakeAsterisk) {
+    let want = serde_json::Value::from_iter(FOLLOWED.iter().map(|t| serde_json::json!({ "type": t })));
+    within("the event filter", async {
+        while fake.application("ivr").is_none_or(|app| app["events_allowed"] != want) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await;
+    assert_eq!(fake.application("ivr").unwrap()["events_disallowed"], serde_json::json!([]));
+}
+
+/// After each connect the engine asks Asterisk for only the events it follows (a restart of
+/// Asterisk forgets the filter; the reconnect sets it again), and calls end as recorded with
+/// only those events coming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_engine_asks_asterisk_for_only_the_events_it_follows() {
+    let rig = Rig::start(Arc::new(MemoryCallStore::new()), settings(LOCAL)).await;
+    until_filtered(&rig.fake).await;
+    let call = within("originate", originate(&rig.manager, to("+15550000002"))).await.unwrap();
+    check("memory", "busy, filtered", &rig.end_of(&call).await, &failed(FailureReason::Busy, true, Some(17)));
+
+    within("restart", rig.fake.restart()).await;
+    until_filtered(&rig.fake).await;
+    let call = within("originate", originate(&rig.manager, playing("+15550000001"))).await.unwrap();
+    check("memory", "answered, filtered", &rig.end_of(&call).await, &completed(true));
+    rig.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn answered_app_continues_into_the_dialplan() {
     scenario("answered_app", LOCAL, to("+15550000001"), completed(true), as_is).await;

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use super::events::{cause_txt, format_timestamp, now_timestamp, rtp_qos_vars, Channel, Event, Location, Party};
+use super::filter::EventFilter;
 use super::plan::{local_script, menu_steps, pjsip_script, sound_duration, Act, CalleePlan, MenuKind, MenuStep};
 
 /// How long Local `Answer()` waits for the first media frame from the caller side.
@@ -67,6 +68,9 @@ pub(crate) struct AppEntry {
     socket: Option<u64>,
     subscribe_all: bool,
     channels: BTreeSet<String>,
+    /// What `PUT /applications/{app}/eventFilter` set; it outlives the app's sockets, as
+    /// Asterisk keeps an application registered once a socket named it (until a restart).
+    filter: EventFilter,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -209,7 +213,7 @@ impl Core {
                 continue;
             }
             let subscribed = !ev.subscribe_all_only && ev.channel.as_ref().is_some_and(|c| app.channels.contains(c));
-            if !(app.subscribe_all || subscribed) {
+            if !(app.subscribe_all || subscribed) || !app.filter.allows(&ev.kind) {
                 continue;
             }
             if let Some(tx) = self.sockets.get(&sid) {
@@ -221,12 +225,17 @@ impl Core {
     }
 
     /// A `ChannelUserevent` for `app` alone, with no source object (`POST /events/user/{name}`
-    /// with `application` and no `source`). `false` if no socket has registered `app`.
+    /// with `application` and no `source`). `false` if no socket has registered `app`, or its
+    /// event filter refuses the type.
     pub fn user_event(&mut self, app: &str, name: &str, userevent: Value) -> bool {
-        let Some(tx) = self.apps.get(app).and_then(|a| a.socket).and_then(|sid| self.sockets.get(&sid)) else {
+        let Some(entry) = self.apps.get(app) else { return false };
+        let Some(tx) = entry.socket.and_then(|sid| self.sockets.get(&sid)) else {
             return false;
         };
         let ev = Event::new("ChannelUserevent", json!({"eventname": name, "userevent": userevent}));
+        if !entry.filter.allows(&ev.kind) {
+            return false;
+        }
         tx.send(Outgoing::Text(ev.render(app))).is_ok()
     }
 
@@ -245,8 +254,8 @@ impl Core {
             "bridge_ids": [],
             "endpoint_ids": [],
             "device_names": [],
-            "events_allowed": [],
-            "events_disallowed": [],
+            "events_allowed": app.filter.allowed(),
+            "events_disallowed": app.filter.disallowed(),
         }))
     }
 
@@ -361,7 +370,8 @@ impl State {
         for name in apps {
             let entry = self.core.apps.entry(name.clone()).or_default();
             if let Some(old) = entry.socket.take() {
-                if let Some(old_tx) = self.core.sockets.get(&old) {
+                let replaced = entry.filter.allows("ApplicationReplaced");
+                if let Some(old_tx) = self.core.sockets.get(&old).filter(|_| replaced) {
                     let _ = old_tx.send(Outgoing::Text(Event::new("ApplicationReplaced", json!({})).render(name)));
                 }
             }
@@ -397,6 +407,13 @@ impl State {
 
     pub fn application(&self, name: &str) -> Result<Value, ApiError> {
         self.core.app_json(name).ok_or_else(|| ApiError::msg(404, "Application not found"))
+    }
+
+    /// `PUT /applications/{app}/eventFilter` with its JSON body (`None`: empty).
+    pub fn set_event_filter(&mut self, name: &str, body: Option<&Value>) -> Result<Value, ApiError> {
+        let app = self.core.apps.get_mut(name).ok_or_else(|| ApiError::msg(404, "Application not found"))?;
+        app.filter.set(body)?;
+        self.application(name)
     }
 
     /// `POST`/`DELETE /applications/{app}/subscription?eventSource=channel:<id>[,…]`.

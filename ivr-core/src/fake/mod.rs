@@ -46,7 +46,9 @@
 //!   `POST /channels/{id}/play` (`media`, `playbackId`), `GET /channels/{id}/variable`;
 //! - `GET /asterisk/info` (`only`), `GET /asterisk/ping`;
 //! - `GET /applications`, `GET /applications/{app}`, `POST`/`DELETE
-//!   /applications/{app}/subscription` (`eventSource=channel:<id>`);
+//!   /applications/{app}/subscription` (`eventSource=channel:<id>`), `PUT
+//!   /applications/{app}/eventFilter` (`{"allowed": [{"type": …}], "disallowed": […]}`; not
+//!   recorded, built from ARI's documentation: `fake/filter.rs`);
 //! - the event WebSocket `GET /ari/events?app=…[&subscribeAll=true]`. A second socket for the
 //!   same app takes over; the first gets `ApplicationReplaced` and nothing more.
 //!
@@ -94,6 +96,7 @@
 
 mod channels;
 mod events;
+mod filter;
 mod plan;
 mod server;
 
@@ -395,10 +398,17 @@ impl FakeAsterisk {
     /// Sends `count` user events to `app`'s socket at once, as `count` calls of ARI's
     /// `POST /events/user/{name}?application=app` would: `ChannelUserevent`s whose `userevent`
     /// is `{"seq": "<n>"}`, n = 0, 1, … in order. Returns how many were queued (0 if no
-    /// socket has registered `app`). For tests of event throughput and slow consumers.
+    /// socket has registered `app`, or its event filter refuses them). For tests of event
+    /// throughput and slow consumers.
     pub fn send_user_events(&self, app: &str, name: &str, count: usize) -> usize {
         let mut st = self.shared.state();
         (0..count).take_while(|n| st.core.user_event(app, name, serde_json::json!({"seq": n.to_string()}))).count()
+    }
+
+    /// `app` as `GET /applications/{app}` shows it (its subscriptions and event filter), if a
+    /// socket has registered it since the last restart.
+    pub fn application(&self, app: &str) -> Option<serde_json::Value> {
+        self.shared.state().application(app).ok()
     }
 
     /// The ids of the channels alive now (originated channels and Local `;2` halves).

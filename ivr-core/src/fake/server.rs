@@ -263,6 +263,7 @@ async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, session: Arc<Se
         ["channels", _, "continue"] | ["channels", _, "play"] => "OPTIONS,POST",
         ["channels", _, "variable"] => "OPTIONS,GET",
         ["applications", _, "subscription"] => "OPTIONS,POST,DELETE",
+        ["applications", _, "eventFilter"] => "OPTIONS,PUT",
         _ => return not_found(),
     };
     if method == Method::OPTIONS {
@@ -287,6 +288,10 @@ async fn handle(shared: Arc<Shared>, mut req: Request<Incoming>, session: Arc<Se
             let subscribe = *m == Method::POST;
             let sources = params.list("eventSource");
             respond_after_events(&shared, |st| st.subscription(app, &sources, subscribe).map(Some)).await
+        }
+        (["applications", app, "eventFilter"], _) => {
+            let app = app.to_string();
+            event_filter(shared, req, &app).await
         }
         (["channels"], &Method::GET) => {
             shared.requests.channel_lists.fetch_add(1, Ordering::Relaxed);
@@ -447,6 +452,23 @@ async fn originate(
         Ok(v) => json_response(200, &v),
         Err(e) => error(e),
     }
+}
+
+/// `PUT /applications/{app}/eventFilter`: the JSON body is the filter; an empty body clears it.
+async fn event_filter(shared: Arc<Shared>, req: Request<Incoming>, app: &str) -> Response<Body> {
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return error(ApiError::msg(400, "Request body too large or unreadable")),
+    };
+    let filter = if body.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        match serde_json::from_slice::<Value>(&body) {
+            Ok(v) => Some(v),
+            Err(_) => return error(ApiError::msg(400, "Invalid JSON in request body")),
+        }
+    };
+    respond_after_events(&shared, |st| st.set_event_filter(app, filter.as_ref()).map(Some)).await
 }
 
 /// `GET /ari/events?app=…`: the WebSocket upgrade.

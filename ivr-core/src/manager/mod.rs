@@ -435,6 +435,7 @@ impl CallManager {
                 if connection > 1 {
                     shared.metrics.ws_reconnects.inc();
                 }
+                self.filter_events();
                 self.reconcile_soon();
             }
             StreamItem::Disconnected { .. } | StreamItem::Replaced { .. } => {
@@ -447,6 +448,28 @@ impl CallManager {
                 shared.metrics.ari_connected.set(0);
             }
         }
+    }
+
+    /// Asks Asterisk, on a task of its own, to send the application only the events the
+    /// engine follows (`follow::FOLLOWED_EVENTS`). Until that lands, and if it fails, every
+    /// event still comes and the others are dropped here, as before: the filter saves work,
+    /// nothing depends on it. Asked after every connect: an Asterisk restart forgets it.
+    fn filter_events(&self) {
+        let manager = self.clone();
+        tokio::spawn(async move {
+            let ari = &manager.shared.ari;
+            match ari.filter_events(&ari.config().app, follow::FOLLOWED_EVENTS).await {
+                Ok(_) => tracing::debug!("ARI events filtered to the followed types"),
+                Err(AriError::NotFound { message }) => tracing::info!(
+                    %message,
+                    "this Asterisk has no event filter (before 16.3?): every event of the application comes"
+                ),
+                Err(e) => {
+                    manager.count_ari_error(&e);
+                    tracing::warn!(error = %e, "could not filter ARI events; every event of the application comes");
+                }
+            }
+        });
     }
 
     fn on_event(&self, event: AriEvent) {
