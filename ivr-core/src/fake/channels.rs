@@ -228,14 +228,11 @@ impl Core {
     /// with `application` and no `source`). `false` if no socket has registered `app`, or its
     /// event filter refuses the type.
     pub fn user_event(&mut self, app: &str, name: &str, userevent: Value) -> bool {
-        let Some(entry) = self.apps.get(app) else { return false };
+        let Some(entry) = self.apps.get(app).filter(|a| a.filter.allows("ChannelUserevent")) else { return false };
         let Some(tx) = entry.socket.and_then(|sid| self.sockets.get(&sid)) else {
             return false;
         };
         let ev = Event::new("ChannelUserevent", json!({"eventname": name, "userevent": userevent}));
-        if !entry.filter.allows(&ev.kind) {
-            return false;
-        }
         tx.send(Outgoing::Text(ev.render(app))).is_ok()
     }
 
