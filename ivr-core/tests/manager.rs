@@ -11,6 +11,7 @@ use std::time::Duration;
 use futures_util::future::join_all;
 use ivr_core::ari::{AriClient, AriConfig, ChannelState, EventStream, OriginateRequest, OriginateTarget, StreamItem};
 use ivr_core::fake::{CalleePlan, FakeAsterisk, FakeConfig};
+use ivr_core::manager::FOLLOWED_EVENTS;
 use ivr_core::store::conformance::{new_call, postgres_in_fresh_schema};
 use ivr_core::webhook::{Attempt, Delivery};
 use ivr_core::{
@@ -218,22 +219,9 @@ async fn as_is(rig: Rig, call: Call) -> (Rig, Call) {
     (rig, call)
 }
 
-/// The types the engine follows, as it asks Asterisk for them after every connect.
-const FOLLOWED: [&str; 9] = [
-    "StasisStart",
-    "StasisEnd",
-    "ChannelStateChange",
-    "Dial",
-    "ChannelHangupRequest",
-    "ChannelDestroyed",
-    "PlaybackStarted",
-    "PlaybackFinished",
-    "ApplicationReplaced",
-];
-
 /// Waits until the fake's application shows the engine's event filter.
 async fn until_filtered(fake: &FakeAsterisk) {
-    let want = serde_json::Value::from_iter(FOLLOWED.iter().map(|t| serde_json::json!({ "type": t })));
+    let want = serde_json::Value::from_iter(FOLLOWED_EVENTS.iter().map(|t| serde_json::json!({ "type": t })));
     within("the event filter", async {
         while fake.application("ivr").is_none_or(|app| app["events_allowed"] != want) {
             tokio::time::sleep(Duration::from_millis(5)).await;

@@ -59,6 +59,8 @@ mod updates;
 
 use calls::LiveCalls;
 use follow::Tracker;
+/// The ARI event types the engine follows: it asks Asterisk for only these after every connect.
+pub use follow::FOLLOWED_EVENTS;
 pub use instance::{Instance, InstanceSettings};
 use metrics::Metrics;
 use pacing::Pacer;
