@@ -244,7 +244,7 @@ impl AriClient {
     /// []}`: from now on Asterisk sends `app` only events of those types (an empty `allowed`
     /// sends them all). The filter belongs to the application in Asterisk, not to a socket;
     /// one restart of Asterisk clears it. Asterisk before 13.26 / 16.3 has no such resource
-    /// (404 or 405).
+    /// ([`AriError::NotFound`]).
     pub async fn filter_events(&self, app: &str, allowed: &[&str]) -> Result<Application, AriError> {
         let allowed: Vec<serde_json::Value> = allowed.iter().map(|t| serde_json::json!({ "type": t })).collect();
         let body = serde_json::json!({ "allowed": allowed, "disallowed": [] });
