@@ -224,6 +224,22 @@ impl Core {
         }
     }
 
+    /// Whether an app sees a channel event of `kind` about `channel` (as [`Core::emit`]
+    /// decides for an event that is neither app-only nor `subscribeAll`-only).
+    fn wants(&self, kind: &str, channel: &str) -> bool {
+        self.apps.values().any(|app| {
+            app.socket.is_some() && (app.subscribe_all || app.channels.contains(channel)) && app.filter.allows(kind)
+        })
+    }
+
+    /// A channel event, made only if an app will see it: the snapshot, the timestamp and the
+    /// text are most of the fake's work, and an event filter leaves out many of them.
+    fn emit_channel(&mut self, kind: &str, chan: &Channel, fields: Value) {
+        if self.wants(kind, &chan.id) {
+            self.emit(Event::channel(kind, chan, fields));
+        }
+    }
+
     /// A `ChannelUserevent` for `app` alone, with no source object (`POST /events/user/{name}`
     /// with `application` and no `source`). `false` if no socket has registered `app`, or its
     /// event filter refuses the type.
@@ -691,8 +707,8 @@ impl State {
         if let Some(c2) = &mut call.c2 {
             c2.caller = party.clone();
             c2.connected = party;
-            core.emit(Event::channel("ChannelCallerId", c2, caller_presentation()));
-            core.emit(Event::channel("ChannelConnectedLine", c2, json!({})));
+            core.emit_channel("ChannelCallerId", c2, caller_presentation());
+            core.emit_channel("ChannelConnectedLine", c2, json!({}));
         }
         let response = call.c1.snapshot();
 
@@ -936,37 +952,37 @@ fn hr1(call: &mut Call, core: &mut Core, cause: u16, soft: bool, tech_cause: Opt
     if let Some(t) = tech_cause {
         fields["tech_cause"] = t.into();
     }
-    core.emit(Event::channel("ChannelHangupRequest", &call.c1, fields));
+    core.emit_channel("ChannelHangupRequest", &call.c1, fields);
 }
 
 fn hr2(call: &mut Call, core: &mut Core, cause: u16, soft: bool) {
     if let Some(c2) = &call.c2 {
         let fields = if soft { json!({"cause": cause, "soft": true}) } else { json!({ "cause": cause }) };
-        core.emit(Event::channel("ChannelHangupRequest", c2, fields));
+        core.emit_channel("ChannelHangupRequest", c2, fields);
     }
 }
 
 fn sc1(call: &mut Call, core: &mut Core, state: &'static str) {
     call.c1.state = state;
-    core.emit(Event::channel("ChannelStateChange", &call.c1, json!({})));
+    core.emit_channel("ChannelStateChange", &call.c1, json!({}));
 }
 
 fn sc2(call: &mut Call, core: &mut Core, state: &'static str) {
     if let Some(c2) = &mut call.c2 {
         c2.state = state;
-        core.emit(Event::channel("ChannelStateChange", c2, json!({})));
+        core.emit_channel("ChannelStateChange", c2, json!({}));
     }
 }
 
 fn var1(call: &mut Call, core: &mut Core, name: &str, value: &str) {
     call.c1.vars.insert(name.to_string(), value.to_string());
-    core.emit(Event::channel("ChannelVarset", &call.c1, json!({"variable": name, "value": value})));
+    core.emit_channel("ChannelVarset", &call.c1, json!({"variable": name, "value": value}));
 }
 
 fn var2(call: &mut Call, core: &mut Core, name: &str, value: &str) {
     if let Some(c2) = &mut call.c2 {
         c2.vars.insert(name.to_string(), value.to_string());
-        core.emit(Event::channel("ChannelVarset", c2, json!({"variable": name, "value": value})));
+        core.emit_channel("ChannelVarset", c2, json!({"variable": name, "value": value}));
     }
 }
 
@@ -994,7 +1010,7 @@ fn destroy_c1(call: &mut Call, core: &mut Core, cause: u16, tech_cause: Option<u
     if let Some(t) = tech_cause {
         fields["tech_cause"] = t.into();
     }
-    core.emit(Event::channel("ChannelDestroyed", &call.c1, fields));
+    core.emit_channel("ChannelDestroyed", &call.c1, fields);
     call.c1_alive = false;
     core.forget_channel(&call.c1.id);
     call.playbacks.clear();
@@ -1003,7 +1019,7 @@ fn destroy_c1(call: &mut Call, core: &mut Core, cause: u16, tech_cause: Option<u
 fn destroy_c2(call: &mut Call, core: &mut Core, cause: u16) {
     if let Some(mut c2) = call.c2.take() {
         c2.set_app("", "");
-        core.emit(Event::channel("ChannelDestroyed", &c2, json!({"cause": cause, "cause_txt": cause_txt(cause)})));
+        core.emit_channel("ChannelDestroyed", &c2, json!({"cause": cause, "cause_txt": cause_txt(cause)}));
         core.forget_channel(&c2.id);
     }
 }
@@ -1112,11 +1128,7 @@ fn run_callee(key: u64, call: &mut Call, core: &mut Core) {
                 if let Some(c2) = &mut call.c2 {
                     c2.dialplan.priority = call.callee_prio;
                     c2.set_app(app, &data);
-                    core.emit(Event::channel(
-                        "ChannelDialplan",
-                        c2,
-                        json!({"dialplan_app": app, "dialplan_app_data": data}),
-                    ));
+                    core.emit_channel("ChannelDialplan", c2, json!({"dialplan_app": app, "dialplan_app_data": data}));
                 }
             }
             Act::Ring => {
@@ -1247,11 +1259,11 @@ fn run_menu(key: u64, call: &mut Call, core: &mut Core) {
             app_name: step.app.to_string(),
             app_data: step.data.to_string(),
         };
-        core.emit(Event::channel(
+        core.emit_channel(
             "ChannelDialplan",
             &call.c1,
             json!({"dialplan_app": step.app, "dialplan_app_data": step.data}),
-        ));
+        );
         let wait = |call: &mut Call, core: &mut Core, d: Duration| {
             call.menu_token = core.token();
             core.schedule(key, TimerKind::Menu, call.menu_token, d);
