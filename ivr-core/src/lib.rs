@@ -11,7 +11,7 @@
 //! - [`store`]: the [`CallStore`] contract with in-memory, SQLite and PostgreSQL
 //!   implementations.
 //!
-//! - [`fake`] and [`ingest`] (feature `testing`): a fake Asterisk for tests, and the event
+//! - `fake` and `ingest` (feature `testing`): a fake Asterisk for tests, and the event
 //!   path without a store for benchmarks.
 //!
 //! ivr-core knows nothing of HTTP routing, JWT or users: that is ivr-server's business.
