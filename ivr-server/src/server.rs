@@ -203,6 +203,9 @@ pub async fn serve(listener: TcpListener, state: AppState, shutdown: impl Future
         let service = service_fn(move |request: Request<Incoming>| respond(&state, &caller, request));
         let (io, returned) = Guarded::new(stream);
         let connection = builder.serve_connection(TokioIo::new(io), service);
+        // Two receivers: `told` ends the wait for the shutdown and is dropped with it once the
+        // shutdown is passed on; `watching` keeps this connection counted (`closing.closed()`)
+        // until it has really ended.
         let (watching, mut told) = (closing.subscribe(), closing.subscribe());
         let cuts = {
             let (wait, timeout) = (Arc::clone(&wait), limits.header_read_timeout);

@@ -73,6 +73,16 @@ pub(crate) struct AppEntry {
     filter: EventFilter,
 }
 
+impl AppEntry {
+    /// Whether this app's socket gets an event of `kind` about `channel`: it has `subscribeAll`,
+    /// or is subscribed to the channel (unless the event goes to `subscribeAll` apps only), and
+    /// its event filter lets the type through.
+    fn sees(&self, kind: &str, channel: Option<&str>, subscribe_all_only: bool) -> bool {
+        let subscribed = !subscribe_all_only && channel.is_some_and(|c| self.channels.contains(c));
+        (self.subscribe_all || subscribed) && self.filter.allows(kind)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Tech {
     Local,
@@ -212,8 +222,7 @@ impl Core {
             if ev.only_app.as_ref().is_some_and(|only| only != name) {
                 continue;
             }
-            let subscribed = !ev.subscribe_all_only && ev.channel.as_ref().is_some_and(|c| app.channels.contains(c));
-            if !(app.subscribe_all || subscribed) || !app.filter.allows(&ev.kind) {
+            if !app.sees(&ev.kind, ev.channel.as_deref(), ev.subscribe_all_only) {
                 continue;
             }
             if let Some(tx) = self.sockets.get(&sid) {
@@ -224,18 +233,11 @@ impl Core {
         }
     }
 
-    /// Whether an app sees a channel event of `kind` about `channel` (as [`Core::emit`]
-    /// decides for an event that is neither app-only nor `subscribeAll`-only).
-    fn wants(&self, kind: &str, channel: &str) -> bool {
-        self.apps.values().any(|app| {
-            app.socket.is_some() && (app.subscribe_all || app.channels.contains(channel)) && app.filter.allows(kind)
-        })
-    }
-
-    /// A channel event, made only if an app will see it: the snapshot, the timestamp and the
-    /// text are most of the fake's work, and an event filter leaves out many of them.
+    /// A channel event, made only if an app with a socket will see it (the rule [`Core::emit`]
+    /// applies): the snapshot, the timestamp and the text are most of the fake's work, and an
+    /// event filter leaves out many of them.
     fn emit_channel(&mut self, kind: &str, chan: &Channel, fields: Value) {
-        if self.wants(kind, &chan.id) {
+        if self.apps.values().any(|app| app.socket.is_some() && app.sees(kind, Some(&chan.id), false)) {
             self.emit(Event::channel(kind, chan, fields));
         }
     }

@@ -386,14 +386,14 @@ async fn originate(
     params: Params,
     path_id: Option<String>,
 ) -> Response<Body> {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return error(ApiError::msg(400, "Request body too large or unreadable")),
+    let body = match json_body(req).await {
+        Ok(body) => body,
+        Err(e) => return error(e),
     };
     let mut fields: BTreeMap<String, String> = BTreeMap::new();
     let mut variables = BTreeMap::new();
-    if !body.iter().all(u8::is_ascii_whitespace) {
-        let Ok(Value::Object(obj)) = serde_json::from_slice::<Value>(&body) else {
+    if let Some(body) = body {
+        let Value::Object(obj) = body else {
             return error(ApiError::msg(400, "Invalid JSON in request body"));
         };
         for (k, v) in obj {
@@ -454,19 +454,25 @@ async fn originate(
     }
 }
 
+/// A request's JSON body: `None` when it is empty (or only whitespace), 400 when it is too
+/// large, unreadable or not JSON.
+async fn json_body(req: Request<Incoming>) -> Result<Option<Value>, ApiError> {
+    let body = Limited::new(req.into_body(), MAX_BODY)
+        .collect()
+        .await
+        .map_err(|_| ApiError::msg(400, "Request body too large or unreadable"))?
+        .to_bytes();
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    serde_json::from_slice(&body).map(Some).map_err(|_| ApiError::msg(400, "Invalid JSON in request body"))
+}
+
 /// `PUT /applications/{app}/eventFilter`: the JSON body is the filter; an empty body clears it.
 async fn event_filter(shared: Arc<Shared>, req: Request<Incoming>, app: &str) -> Response<Body> {
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return error(ApiError::msg(400, "Request body too large or unreadable")),
-    };
-    let filter = if body.iter().all(u8::is_ascii_whitespace) {
-        None
-    } else {
-        match serde_json::from_slice::<Value>(&body) {
-            Ok(v) => Some(v),
-            Err(_) => return error(ApiError::msg(400, "Invalid JSON in request body")),
-        }
+    let filter = match json_body(req).await {
+        Ok(filter) => filter,
+        Err(e) => return error(e),
     };
     respond_after_events(&shared, |st| st.set_event_filter(app, filter.as_ref()).map(Some)).await
 }

@@ -689,6 +689,16 @@ mod tests {
         events
     }
 
+    /// A tracker of a call whose originate went out (and which ivr canceled, if `canceled`).
+    fn following(canceled: bool) -> Tracker {
+        let mut t = tracker();
+        t.sending(true);
+        if canceled {
+            t.cancel();
+        }
+        t
+    }
+
     /// How a call ends when its tracker hears `events`, with those in `missed` lost to a gap
     /// (the socket dropped before the first of them and came back after the last). `None`
     /// when no end was heard (a reconcile settles it).
@@ -697,11 +707,7 @@ mod tests {
         let mut call = Call::new(CallId::new(), crate::store::conformance::new_call("+15550000001"), now());
         call.apply(&Transition::new(Step::Sent, "sent")).unwrap();
         call.apply(&Transition::new(Step::Dialing, "originate accepted")).unwrap();
-        let mut t = tracker();
-        t.sending(true);
-        if canceled {
-            t.cancel();
-        }
+        let mut t = following(canceled);
         for (i, (event, half)) in events.iter().enumerate() {
             if missed.contains(&i) {
                 if i == missed.start {
@@ -779,11 +785,7 @@ mod tests {
     /// What a tracker makes of `events`, event by event: each transition (but its time) and
     /// each command, then the held-back end if one is left.
     fn reactions(events: &[(AriEvent, Half)], canceled: bool) -> Vec<String> {
-        let mut t = tracker();
-        t.sending(true);
-        if canceled {
-            t.cancel();
-        }
+        let mut t = following(canceled);
         let show = |tr: &Transition| format!("{:?} {} {:?} {:?}", tr.step, tr.cause, tr.channel, tr.hangup);
         let mut seen = Vec::new();
         for (event, half) in events {
